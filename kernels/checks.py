@@ -1,0 +1,100 @@
+"""Argument checks shared by every coordinate-descent entry point.
+
+They run once, at the public boundary, and raise `TypeError`/`ValueError` naming the argument,
+the value received and what was expected. Checks that would read tensor values (per-row `k`)
+are skipped while `torch.compile` traces, since they would force a host synchronisation.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_scores(s: Tensor, name: str = "s") -> None:
+    if not isinstance(s, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+    if not s.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (fp32/fp16/bf16), got dtype {s.dtype}")
+    if s.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension [..., n], got a 0-d tensor")
+
+
+def check_mask(mask: Tensor | None, s: Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool (True = take part), got {mask.dtype}")
+    if mask.shape != s.shape:
+        raise ValueError(f"mask must have the shape of s {tuple(s.shape)}, got {tuple(mask.shape)}")
+
+
+def check_k(k: float | Tensor, s: Tensor) -> None:
+    if isinstance(k, Tensor):
+        if k.shape != s.shape[:-1]:
+            raise ValueError(
+                f"k as a tensor must have shape s.shape[:-1] = {tuple(s.shape[:-1])}, got {tuple(k.shape)}"
+            )
+        if k.dtype == torch.bool or k.is_complex():
+            raise TypeError(f"k must be a real number or a real tensor, got dtype {k.dtype}")
+        if not _is_compiling() and bool((k <= 0).any()):
+            raise ValueError("k must be > 0 in every row, got a tensor with values <= 0")
+        return
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"k must be a positive number or a tensor of shape s.shape[:-1], got {type(k).__name__}")
+    if not k > 0:
+        raise ValueError(f"k must be > 0, got {k}")
+
+
+def check_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: float) -> None:
+    if isinstance(n_iters, bool) or not isinstance(n_iters, numbers.Integral):
+        raise TypeError(f"n_iters must be an int, got {type(n_iters).__name__}")
+    if n_iters < 1:
+        raise ValueError(f"n_iters must be >= 1, got {n_iters}")
+    for name, value in (("eps", eps), ("eps_init", eps_init), ("eps_decay", eps_decay)):
+        if value is None and name == "eps_init":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if eps_init is not None and not eps_init > 0:
+        raise ValueError(f"eps_init must be > 0 or None, got {eps_init}")
+    if not 0 < eps_decay <= 1:
+        raise ValueError(f"eps_decay must be in (0, 1], got {eps_decay}")
+
+
+def check_coor_descent_args(
+    s: Tensor,
+    *,
+    n_iters: int,
+    k: float | Tensor,
+    eps: float,
+    eps_init: float | None,
+    eps_decay: float,
+    mask: Tensor | None,
+) -> None:
+    """Validate the arguments of `coor_descent` and its backends (see its docstring)."""
+    check_scores(s)
+    check_schedule(n_iters, eps, eps_init, eps_decay)
+    check_k(k, s)
+    check_mask(mask, s)
+
+
+def eps_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: float) -> list[float]:
+    """The epsilon of each iteration, then the one the output uses: n_iters + 1 values."""
+    e = max(eps_init if eps_init is not None else eps, eps)
+    schedule = []
+    for _ in range(n_iters):
+        schedule.append(e)
+        e = max(e * eps_decay, eps)
+    schedule.append(e)
+    return schedule

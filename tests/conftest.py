@@ -1,0 +1,46 @@
+"""Shared fixtures and helpers. Without CUDA, Triton kernels run under its interpreter."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any @triton.jit function is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances per compute dtype: (relative error of outputs, relative error of gradients).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (2e-2, 5e-2),
+    torch.float16: (5e-3, 2e-2),
+}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / max(||expected||, tiny), in float64; NaN never passes."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if torch.isnan(actual).any() or torch.isnan(expected).any():
+        return float("inf")
+    denom = expected.norm().clamp_min(1e-30)
+    return ((actual - expected).norm() / denom).item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_error(actual, expected)
+    max_abs = (actual.detach().double().cpu() - expected.detach().double().cpu()).abs().max().item() if actual.numel() else 0.0
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e} (max abs {max_abs:.3e})"
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
