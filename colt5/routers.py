@@ -1,0 +1,307 @@
+"""Routers: pick the tokens that take the heavy branch.
+
+Shapes: b batch, n sequence, d model dim, r routes (routing tokens), k routed tokens per route.
+
+A router scores every token once per route ([b, r, n]), turns each row of scores into soft top-k
+weights with coordinate descent (`colt5.coor_descent`), picks the k best tokens of each route,
+gathers them, and after the heavy branch scatters the outputs back (`route_back`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from colt5.kernels import coor_descent
+
+
+class RouterReturn(NamedTuple):
+    """What a router returns. With one route (and keep_one_route_dim=False) the r dim is dropped.
+
+    When nothing needs routing (n <= num_tokens) every token passes: indices and scores are None,
+    routed_tokens is x itself ([b, n, d], or [b, r, n, d] with several routes) and routed_mask the
+    input mask (or None).
+    """
+
+    indices: Tensor | None  # [b, (r,) k] long: positions picked, in ascending score order
+    scores: Tensor | None  # [b, (r,) k]: soft top-k weights at the picks (1 forward if straight-through)
+    routed_tokens: Tensor  # [b, (r,) k, d]
+    routed_mask: Tensor | None  # [b, (r,) k] bool: the pick is a real token (not padding)
+
+
+def check_num_tokens(num_tokens: int, name: str = "num_tokens") -> None:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(num_tokens).__name__}")
+    if num_tokens < 1:
+        raise ValueError(f"{name} must be >= 1, got {num_tokens}")
+
+
+def check_tokens(x: Tensor, dim: int | None, mask: Tensor | None, name: str = "x") -> None:
+    """x must be [b, n, dim] floating (any width when dim is None); mask, if any, bool [b, n]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{name} must have shape [batch, seq, {dim or 'dim'}], got rank {x.dim()} {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(f"{name} must have last dimension {dim}, got {x.shape[-1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor [batch, seq], got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"mask must have shape {tuple(x.shape[:2])} (batch, seq of {name}), got {tuple(mask.shape)}")
+
+
+def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
+    """x [b, n, ...], indices [b, *idx] -> [b, *idx, ...] by one index_select on flat rows."""
+    b, n = x.shape[:2]
+    offsets = torch.arange(b, device=x.device).mul_(n).view(b, *([1] * (indices.dim() - 1)))
+    flat = x.reshape(b * n, *x.shape[2:]).index_select(0, (indices + offsets).reshape(-1))
+    return flat.view(*indices.shape, *x.shape[2:])
+
+
+def scatter_tokens(out: Tensor, routed: Tensor, indices: Tensor) -> Tensor:
+    """out [b, n, d] + routed [b, r, k, d] added at indices [b, r, k]; returns a new tensor.
+
+    Indices are unique within a route, so each route's index_add has no collisions and the
+    result does not depend on the order of atomic adds (deterministic on CUDA too).
+    """
+    b, n, d = out.shape
+    offsets = torch.arange(b, device=out.device).mul_(n).view(b, 1)
+    flat = out.reshape(b * n, d)
+    for r in range(indices.shape[1]):
+        flat = flat.index_add(0, (indices[:, r] + offsets).reshape(-1), routed[:, r].reshape(-1, d).to(flat.dtype))
+    return flat.view(b, n, d)
+
+
+class Router(nn.Module):
+    """Base class of the routers: score tokens, soft top-k, pick, gather; `route_back` scatters.
+
+    Subclasses implement `score(x, routing_tokens)` -> [b, r, n] float scores, one row per route
+    (higher = more worth the heavy branch) and may override nothing else. Everything after scoring
+    (masking, coordinate descent, straight-through, blocks, gathers) is shared.
+
+    Args:
+        num_routing_tokens: routes r; each picks its own num_tokens tokens.
+        n_iters, eps, eps_init, eps_decay: the coordinate-descent schedule (CODA's scaling:
+            start at 4, x0.7 per iteration, 20 iterations, final eps 0.03 by default).
+        fetch_k_ratio: soft top-k runs with k' = num_tokens * ratio (9/8 in CoLT5) so a few
+            tokens past the cut still get a training signal.
+        straight_through: scores are 1 in the forward and carry the soft weight's gradient.
+        use_triton: True / False force the Triton / reference soft top-k; None picks by device.
+        route_block_size: route within blocks of this many tokens, each block taking
+            ceil(num_tokens / blocks) tokens, so very long sequences route in pieces (the total
+            is rounded up to a multiple of the number of blocks).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_routing_tokens: int = 1,
+        n_iters: int = 20,
+        fetch_k_ratio: float = 9 / 8,
+        eps: float = 0.03,
+        eps_decay: float = 0.7,
+        eps_init: float | None = 4.0,
+        straight_through: bool = True,
+        use_triton: bool | None = None,
+        route_block_size: int | None = None,
+    ):
+        super().__init__()
+        check_num_tokens(num_routing_tokens, "num_routing_tokens")
+        if not fetch_k_ratio >= 1:
+            raise ValueError(f"fetch_k_ratio must be >= 1, got {fetch_k_ratio}")
+        if route_block_size is not None:
+            check_num_tokens(route_block_size, "route_block_size")
+        # Validate the schedule now rather than at the first forward.
+        from colt5.kernels.checks import check_schedule
+
+        check_schedule(n_iters, eps, eps_init, eps_decay)
+        self.num_routing_tokens = num_routing_tokens
+        self.n_iters, self.eps, self.eps_init, self.eps_decay = n_iters, eps, eps_init, eps_decay
+        self.fetch_k_ratio = fetch_k_ratio
+        self.straight_through = straight_through
+        self.use_triton = use_triton
+        self.route_block_size = route_block_size
+
+    def score(self, x: Tensor, routing_tokens: Tensor | None = None) -> Tensor:
+        """[b, n, d] -> [b, r, n] scores. The extension point: subclasses override this."""
+        raise NotImplementedError
+
+    def soft_top_k(self, scores: Tensor, k: float, mask: Tensor | None) -> Tensor:
+        backend = None if self.use_triton is None else ("triton" if self.use_triton else "reference")
+        return coor_descent(
+            scores,
+            n_iters=self.n_iters,
+            k=k,
+            eps=self.eps,
+            eps_init=self.eps_init,
+            eps_decay=self.eps_decay,
+            mask=mask,
+            backend=backend,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        num_tokens: int,
+        mask: Tensor | None = None,
+        random_route: bool = False,
+        routing_tokens: Tensor | None = None,
+        keep_one_route_dim: bool = False,
+    ) -> RouterReturn:
+        check_tokens(x, getattr(self, "dim", None), mask)
+        check_num_tokens(num_tokens)
+        b, n, d = x.shape
+        r = self.num_routing_tokens
+        squeeze = r == 1 and not keep_one_route_dim
+
+        if n <= num_tokens:
+            tokens = x if squeeze else x.unsqueeze(1).expand(b, r, n, d)
+            routed_mask = mask if (mask is None or squeeze) else mask.unsqueeze(1).expand(b, r, n)
+            return RouterReturn(None, None, tokens, routed_mask)
+
+        scores = self.score(x, routing_tokens)  # [b, r, n]
+        if scores.shape != (b, r, n):
+            raise ValueError(f"{type(self).__name__}.score must return [b, r, n] = {(b, r, n)}, got {tuple(scores.shape)}")
+        route_mask = None if mask is None else mask.unsqueeze(1).expand(b, r, n)
+
+        block = self.route_block_size
+        if block is not None and block < n:
+            indices, weights, picked_real = self._route_in_blocks(scores, route_mask, num_tokens, block, random_route)
+        else:
+            indices, weights, picked_real = self._route_rows(scores, route_mask, num_tokens, random_route)
+
+        if self.straight_through:
+            weights = weights + (1.0 - weights).detach()
+        routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
+        routed_mask = picked_real if mask is not None or block is not None else None
+        if squeeze:
+            indices, weights, routed_tokens = indices[:, 0], weights[:, 0], routed_tokens[:, 0]
+            routed_mask = None if routed_mask is None else routed_mask[:, 0]
+        return RouterReturn(indices, weights, routed_tokens, routed_mask)
+
+    def _route_rows(
+        self, scores: Tensor, mask: Tensor | None, num_tokens: int, random_route: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row of [..., n] picks num_tokens positions: (indices, soft weights, real)."""
+        n = scores.shape[-1]
+        soft = self.soft_top_k(scores, min(float(n), num_tokens * self.fetch_k_ratio), mask)
+        # Rank by the raw score: many soft weights saturate at exactly 1 and would tie.
+        rank = scores.detach().float()
+        if random_route:
+            rank = torch.rand_like(rank)
+        if mask is not None:
+            rank = rank.masked_fill(~mask, float("-inf"))
+        indices = rank.topk(num_tokens, dim=-1).indices
+        weights = soft.gather(-1, indices)
+        if random_route:
+            weights = torch.ones_like(weights)
+        real = torch.ones_like(indices, dtype=torch.bool) if mask is None else mask.gather(-1, indices)
+        return indices, weights, real
+
+    def _route_in_blocks(
+        self, scores: Tensor, mask: Tensor | None, num_tokens: int, block: int, random_route: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        b, r, n = scores.shape
+        num_blocks = math.ceil(n / block)
+        pad = num_blocks * block - n
+        valid = torch.ones(b, r, n, dtype=torch.bool, device=scores.device) if mask is None else mask
+        scores = F.pad(scores, (0, pad)).view(b, r, num_blocks, block)
+        valid = F.pad(valid, (0, pad), value=False).view(b, r, num_blocks, block)
+        per_block = min(block, math.ceil(num_tokens / num_blocks))
+        local, weights, real = self._route_rows(scores, valid, per_block, random_route)
+        starts = torch.arange(num_blocks, device=scores.device).mul_(block).view(1, 1, num_blocks, 1)
+        # Picks in the padded tail point at n - 1 with real=False: route_back adds zeros there.
+        indices = (local + starts).clamp_max_(n - 1)
+        return indices.flatten(2), weights.flatten(2), real.flatten(2)
+
+    def route_back(self, out: Tensor, routed_out: Tensor, indices: Tensor | None, routed_mask: Tensor | None = None) -> Tensor:
+        """Add heavy outputs back at their positions: out [b, n, d] + routed_out [b, (r,) k, d].
+
+        With indices None (nothing was routed) routed_out has out's positions and is added as is.
+        Picks that are padding (routed_mask False) contribute nothing. Deterministic.
+        """
+        if routed_mask is not None:
+            routed_out = routed_out * routed_mask.unsqueeze(-1).to(routed_out.dtype)
+        if indices is None:
+            return out + (routed_out if routed_out.dim() == out.dim() else routed_out.sum(1))
+        if indices.dim() == 2:
+            indices, routed_out = indices.unsqueeze(1), routed_out.unsqueeze(1)
+        return scatter_tokens(out, routed_out, indices)
+
+
+class CoordinateDescentRouter(Router):
+    """CoLT5's router: score_i = x_i . u for a routing token u per route, soft top-k by
+    coordinate descent (Ainslie et al. 2023, section 3.3; epsilon scaling after Lei et al. 2023).
+
+    `learned_routing_tokens=True` means the routing tokens come from the caller (forward's
+    `routing_tokens`, [r, d] or [b, r, d], e.g. produced by another network); otherwise the
+    router owns them as a parameter. `cosine_sim_routing` scores by cosine similarity times
+    `cosine_sim_scale`, which keeps scores in a fixed range whatever the token norms.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        straight_through: bool = True,
+        n_iters: int = 20,
+        fetch_k_ratio: float = 9 / 8,
+        eps: float = 0.03,
+        eps_decay: float = 0.7,
+        eps_init: float | None = 4.0,
+        num_routing_tokens: int = 1,
+        learned_routing_tokens: bool = False,
+        use_triton: bool | None = None,
+        cosine_sim_routing: bool = False,
+        cosine_sim_scale: float = 8.0,
+        route_block_size: int | None = None,
+    ):
+        super().__init__(
+            num_routing_tokens=num_routing_tokens,
+            n_iters=n_iters,
+            fetch_k_ratio=fetch_k_ratio,
+            eps=eps,
+            eps_decay=eps_decay,
+            eps_init=eps_init,
+            straight_through=straight_through,
+            use_triton=use_triton,
+            route_block_size=route_block_size,
+        )
+        check_num_tokens(dim, "dim")
+        self.dim = dim
+        self.learned_routing_tokens = learned_routing_tokens
+        self.routing_token = None if learned_routing_tokens else nn.Parameter(torch.randn(num_routing_tokens, dim))
+        self.cosine_sim_routing = cosine_sim_routing
+        self.cosine_sim_scale = cosine_sim_scale
+
+    def score(self, x: Tensor, routing_tokens: Tensor | None = None) -> Tensor:
+        if self.learned_routing_tokens:
+            if routing_tokens is None:
+                raise ValueError("routing_tokens must be given: this router has learned_routing_tokens=True")
+        elif routing_tokens is not None:
+            raise ValueError("routing_tokens must be None: this router owns its routing tokens")
+        else:
+            routing_tokens = self.routing_token
+        r = self.num_routing_tokens
+        if routing_tokens.shape[-2:] != (r, self.dim) or routing_tokens.dim() not in (2, 3):
+            raise ValueError(f"routing_tokens must have shape [{r}, {self.dim}] or [batch, {r}, {self.dim}], got {tuple(routing_tokens.shape)}")
+        if self.cosine_sim_routing:
+            x = F.normalize(x, dim=-1)
+            routing_tokens = F.normalize(routing_tokens, dim=-1)
+        routing_tokens = routing_tokens.to(x.dtype)
+        # One matmul for every route of the layer.
+        if routing_tokens.dim() == 2:
+            scores = torch.einsum("b n d, r d -> b r n", x, routing_tokens)
+        else:
+            scores = torch.einsum("b n d, b r d -> b r n", x, routing_tokens)
+        return scores * self.cosine_sim_scale if self.cosine_sim_routing else scores
