@@ -1,0 +1,194 @@
+"""The routed block against a dense block of the same width, on one GPU.
+
+    python benchmarks/block.py                 # table: eager and compiled, fwd+bwd and fwd
+    python benchmarks/block.py --profile 32768 # per-component CUDA time of the routed block
+
+Configuration (issue 6): batch 1, dim 512, light and heavy attention 8 heads x 64, light window
+128, light ff mult 0.5, heavy ff mult 4, heavy tokens (ff, q, kv) = n/16, bf16 autocast,
+forward+backward of output.sum(), and forward alone under no_grad. Baseline: pre-norm dense
+block, SDPA (flash), ff mult 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+DIM, HEADS, DIM_HEAD, WINDOW = 512, 8, 64, 128
+
+
+def routed_block(n: int, causal: bool = False) -> torch.nn.Module:
+    common = dict(
+        light_dim_head=DIM_HEAD,
+        light_heads=HEADS,
+        light_window_size=WINDOW,
+        heavy_dim_head=DIM_HEAD,
+        heavy_heads=HEADS,
+        light_ff_mult=0.5,
+        heavy_ff_mult=4,
+    )
+    if causal:
+        from colt5.autoregressive import ConditionalRoutedAutoregressiveTransformerBlock as Block
+    else:
+        from colt5.block import ConditionalRoutedTransformerBlock as Block
+    return Block(
+        DIM,
+        num_heavy_attn_tokens_q=n // 16,
+        num_heavy_attn_tokens_kv=n // 16,
+        num_heavy_ff_tokens=n // 16,
+        **common,
+    )
+
+
+def dense_block(causal: bool = False) -> torch.nn.Module:
+    from colt5.dense import DenseTransformerBlock
+
+    return DenseTransformerBlock(DIM, heads=HEADS, dim_head=DIM_HEAD, ff_mult=4, causal=causal)
+
+
+def measure(block: torch.nn.Module, n: int, compiled: bool) -> dict[str, float]:
+    """Median ms of fwd+bwd and of fwd (no_grad), and peak GiB of one fwd+bwd."""
+    from triton.testing import do_bench
+
+    fn = torch.compile(block) if compiled else block
+    x = torch.randn(1, n, DIM, device="cuda")
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(x)
+        out.float().sum().backward()
+
+    def fwd():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            fn(x)
+
+    params = list(block.parameters())
+    for _ in range(3):  # compile and warm up outside the timed region
+        fwd_bwd()
+        fwd()
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = None
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    t_fb = do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=params, return_mode="median")
+    t_f = do_bench(fwd, warmup=50, rep=300, return_mode="median")
+    return {"fwd_bwd": t_fb, "fwd": t_f, "peak": peak}
+
+
+def safe_measure(make, n, compiled):
+    try:
+        torch.manual_seed(0)
+        block = make().cuda()
+        return measure(block, n, compiled)
+    except Exception as err:  # one failing row must not kill the table
+        msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        print(f"  ! n={n} compiled={compiled} {type(err).__name__}: {msg}", file=sys.stderr)
+        return None
+    finally:
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+
+
+def fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def table(sizes: list[int], causal: bool, modes: list[bool]) -> None:
+    kind = "autoregressive block vs causal dense" if causal else "encoder block vs dense"
+    print(f"\n{kind}: median ms (fwd+bwd | fwd no_grad), peak GiB of fwd+bwd, ratio = ours/dense")
+    head = f"{'n':>7} {'mode':>8} | {'ours f+b':>9} {'dense f+b':>9} {'ratio':>6} | {'ours f':>7} {'dense f':>7} | {'ours GiB':>8} {'dense GiB':>9}"
+    print(head)
+    print("-" * len(head))
+    for n in sizes:
+        for compiled in modes:
+            ours = safe_measure(lambda: routed_block(n, causal), n, compiled)
+            dense = safe_measure(lambda: dense_block(causal), n, compiled)
+            ratio = ours["fwd_bwd"] / dense["fwd_bwd"] if ours and dense else None
+            g = lambda r, key: None if r is None else r[key]  # noqa: E731
+            print(
+                f"{n:>7} {'compiled' if compiled else 'eager':>8} | {fmt(g(ours, 'fwd_bwd')):>9} {fmt(g(dense, 'fwd_bwd')):>9} {fmt(ratio, '.3f'):>6} |"
+                f" {fmt(g(ours, 'fwd')):>7} {fmt(g(dense, 'fwd')):>7} | {fmt(g(ours, 'peak')):>8} {fmt(g(dense, 'peak')):>9}",
+                flush=True,
+            )
+
+
+# Kernel-name patterns -> component, checked in order (the first match wins).
+COMPONENTS = [
+    ("coordinate descent", r"coor_descent|_cd_"),
+    ("light attention (flex/local)", r"flex|triton_tem_fused|local"),
+    ("heavy attention (sdpa/flash)", r"flash|fmha|attention|efficient|cudnn"),
+    ("gathers and scatters", r"index|gather|scatter|topk|sort|radix"),
+    ("matmuls (projections, ffs, routing)", r"gemm|sm90|cutlass|matmul|mm_|nvjet|xmma"),
+    ("norms", r"norm"),
+]
+
+
+def profile(n: int, causal: bool) -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    block = routed_block(n, causal).cuda()
+    x = torch.randn(1, n, DIM, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = block(x)
+        out.float().sum().backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    per_component = defaultdict(float)
+    per_kernel = defaultdict(float)
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not cuda_us:
+            continue
+        name = evt.key
+        component = next((c for c, pat in COMPONENTS if re.search(pat, name, re.I)), "elementwise/other")
+        per_component[component] += cuda_us / 5
+        per_kernel[name] += cuda_us / 5
+    total = sum(per_component.values())
+    print(f"\nprofile of the {'autoregressive' if causal else 'encoder'} block, n={n}, eager, fwd+bwd: CUDA time per step")
+    print(f"{'component':<38} {'ms':>7} {'share':>6}")
+    for c, us in sorted(per_component.items(), key=lambda kv: -kv[1]):
+        print(f"{c:<38} {us / 1e3:>7.3f} {us / total:>6.1%}")
+    print(f"{'total GPU time':<38} {total / 1e3:>7.3f}")
+    print("\ntop kernels:")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {us / 1e3:7.3f} ms  {name[:100]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--modes", choices=["eager", "compiled", "both"], default="both")
+    parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")
+    args = parser.parse_args()
+    import triton
+
+    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    if args.profile:
+        for n in args.profile:
+            profile(n, causal=False)
+        return
+    modes = {"eager": [False], "compiled": [True], "both": [False, True]}[args.modes]
+    table(args.sizes, causal=False, modes=modes)
+    if args.ar_sizes:
+        table(args.ar_sizes, causal=True, modes=modes)
+
+
+if __name__ == "__main__":
+    main()
