@@ -1,0 +1,442 @@
+"""Local (windowed) multi-head attention: the light attention branch of CoLT5.
+
+Shapes: b batch, h heads, n tokens, d head dim, w window size, W = ceil(n / w) windows,
+L = look_backward + 1 + look_forward windows seen by each query.
+
+Semantics (those of `local_attention.LocalAttention(..., autopad=True, use_rotary_pos_emb=False)`):
+the sequence is cut into windows of w tokens from position 0; a query in window i attends to the
+keys of windows i - look_backward .. i + look_forward that exist. `causal` adds key <= query;
+`exact_windowsize` further limits query - key <= w * look_backward (and, non-causal,
+key - query <= w * look_forward). `mask` [b, n] marks real tokens (True); it masks KEYS only, so
+a padding query still gets an output. Two deliberate differences from the package:
+  * positions >= n (autopad) are never keys. The package lets its zero-padded keys into the
+    softmax when no mask is passed (it equals ours when given an all-True mask).
+  * a query with no key left (all masked) outputs zeros with zero gradients; the package returns
+    a uniform average that includes its -1 look-around padding values.
+
+Backends: "reference" (plain PyTorch over [W, w, L*w] tiles, O(n * L * w) memory; the
+specification and the CPU path) and "flex" (torch's flex_attention with a BlockMask built from
+per-block kv indices, compiled on CUDA; eager on CPU, forward only there).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from colt5.rotary import RotaryEmbedding, apply_rotary
+
+__all__ = ["LocalMHA", "local_attention", "local_attention_reference", "local_attention_flex"]
+
+_BACKENDS = (None, "reference", "flex")
+# flex_attention's tile. With w = 128 and look 1/1 every query block sees exactly 3 full kv blocks.
+_BLOCK = 128
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks (public boundary)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _resolve_look(causal: bool, look_backward: int, look_forward: int | None) -> tuple[int, int]:
+    look_backward = _check_int("look_backward", look_backward, 0)
+    if look_forward is None:
+        look_forward = 0 if causal else 1
+    look_forward = _check_int("look_forward", look_forward, 0)
+    if causal and look_forward > 0:
+        raise ValueError(f"look_forward must be 0 when causal=True, got {look_forward}")
+    return look_backward, look_forward
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [b, h, n, d], got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q, k must have the same shape and v the same [b, h, n]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+        raise TypeError("q, k, v must share dtype and device")
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a bool Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
+        b, _, n, _ = q.shape
+        if mask.shape != (b, n):
+            raise ValueError(f"mask must be [b, n] = {(b, n)}, got {tuple(mask.shape)}")
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+
+
+# --------------------------------------------------------------------------------------------
+# reference backend
+
+
+def _look_around(x: Tensor, backward: int, forward: int, pad_value: float | bool, dim: int) -> Tensor:
+    """[..., W, w, ...] (windows at `dim`) -> [..., W, L * w, ...]: each window's neighbours, in
+    order of offset -backward .. forward, concatenated along the within-window dim."""
+    windows = x.shape[dim]
+    pad = [0, 0] * (x.dim() - dim - 1) + [backward, forward]
+    xp = F.pad(x, pad, value=pad_value)
+    return torch.cat([xp.narrow(dim, i, windows) for i in range(backward + forward + 1)], dim=dim + 1)
+
+
+def _window_validity(
+    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, device: torch.device
+) -> Tensor:
+    """bool [W, w, L * w]: may query (window, slot) see key (look-around slot)?"""
+    windows = math.ceil(n / w)
+    pos = torch.arange(windows * w, device=device).view(windows, w)
+    kpos = _look_around(pos, lb, lf, pad_value=-1, dim=0)  # [W, L*w], -1 = no window there
+    qpos = pos.unsqueeze(-1)  # [W, w, 1]
+    kpos = kpos.unsqueeze(1)  # [W, 1, L*w]
+    valid = (kpos >= 0) & (kpos < n)
+    if causal:
+        valid = valid & (kpos <= qpos)
+    if exact:
+        valid = valid & (qpos - kpos <= w * lb)
+        if not causal:
+            valid = valid & (kpos - qpos <= w * lf)
+    return valid
+
+
+def local_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int = 1,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    exact_windowsize: bool = False,
+) -> Tensor:
+    """Plain PyTorch local attention (no argument checks; call `local_attention`). Scores and
+    softmax in float32 (float64 for float64 inputs), output in q's dtype."""
+    b, h, n, d = q.shape
+    w, lb, lf = window_size, look_backward, look_forward
+    windows = math.ceil(n / w)
+    pad = windows * w - n
+    scale = d**-0.5 if scale is None else scale
+
+    def tile(t: Tensor) -> Tensor:
+        return F.pad(t, (0, 0, 0, pad)).unflatten(2, (windows, w))  # [b, h, W, w, e]
+
+    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    bq = tile(q).to(acc) * scale
+    bk = _look_around(tile(k), lb, lf, pad_value=0.0, dim=2).to(acc)  # [b, h, W, L*w, d]
+    bv = _look_around(tile(v), lb, lf, pad_value=0.0, dim=2).to(acc)
+
+    valid = _window_validity(n, w, lb, lf, causal, exact_windowsize, q.device)  # [W, w, L*w]
+    if mask is not None:
+        km = F.pad(mask, (0, pad), value=False).view(b, windows, w)
+        km = _look_around(km, lb, lf, pad_value=False, dim=1)  # [b, W, L*w]
+        valid = valid & km[:, None, :, None, :]  # [b, 1, W, w, L*w]
+
+    sim = torch.einsum("bhwid,bhwjd->bhwij", bq, bk)
+    # Finite fill + multiply by `valid` after softmax: a query with no valid key gets zeros (and
+    # zero gradients) instead of NaN; elsewhere exp(fill - max) is exactly 0 already.
+    sim = sim.masked_fill(~valid, torch.finfo(sim.dtype).min)
+    attn = sim.softmax(dim=-1) * valid
+    out = torch.einsum("bhwij,bhwjd->bhwid", attn, bv)
+    return out.flatten(2, 3)[:, :, :n].to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# flex backend
+
+_compiled_flex: Callable | None = None
+_block_mask_cache: OrderedDict = OrderedDict()
+_BLOCK_MASK_CACHE_SIZE = 32
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    """flex_attention compiled once (lazily) for CUDA; eager elsewhere. Eager flex on CUDA would
+    evaluate a dense n x n score matrix, so CUDA always takes the compiled one."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def _window_mask_mod(n: int, w: int, lb: int, lf: int, causal: bool, exact: bool) -> Callable:
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        diff = kv_idx // w - q_idx // w
+        ok = (diff >= -lb) & (diff <= lf) & (kv_idx < n)
+        if causal:
+            ok = ok & (kv_idx <= q_idx)
+        if exact:
+            ok = ok & (q_idx - kv_idx <= w * lb)
+            if not causal:
+                ok = ok & (kv_idx - q_idx <= w * lf)
+        return ok
+
+    return mask_mod
+
+
+def _window_kv_blocks(
+    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, all_partial: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per query block of _BLOCK rows: (partial_num, partial_idx, full_num, full_idx) as
+    from_kv_blocks wants them, [1, 1, nb] and [1, 1, nb, nb] int32, computed on the host from
+    interval arithmetic on block bounds (O(nb * span) work, never per element)."""
+    B = _BLOCK
+    nb = math.ceil(n / B)
+    q_lo = torch.arange(nb) * B
+    q_hi = q_lo + B - 1  # last row of the block, possibly >= n (padding rows)
+    q_last = q_hi.clamp_max(n - 1)
+
+    # Interval of keys any row of the block may see.
+    lo = ((q_lo // w) - lb).clamp_min(0) * w
+    hi = ((q_last // w) + lf + 1) * w - 1
+    if causal:
+        hi = torch.minimum(hi, q_last)
+    if exact:
+        lo = torch.maximum(lo, q_lo - w * lb)
+        if not causal:
+            hi = torch.minimum(hi, q_last + w * lf)
+    hi = hi.clamp_max(n - 1)
+    kb_lo, kb_hi = lo // B, hi // B
+    span = int((kb_hi - kb_lo + 1).max())
+    kb = kb_lo[:, None] + torch.arange(span)[None, :]  # [nb, span] candidate kv blocks
+    present = kb <= kb_hi[:, None]
+
+    # A block pair is full when every (row, key) in it passes the mask: check the extremes.
+    k_min, k_max = kb * B, kb * B + B - 1
+    full = present & (k_max < n)
+    full &= (k_min // w - q_hi[:, None] // w >= -lb) & (k_max // w - q_lo[:, None] // w <= lf)
+    if causal:
+        full &= k_max <= q_lo[:, None]
+    if exact:
+        full &= q_hi[:, None] - k_min <= w * lb
+        if not causal:
+            full &= k_max - q_lo[:, None] <= w * lf
+    if all_partial:
+        full &= False
+    partial = present & ~full
+
+    def pack(sel: Tensor) -> tuple[Tensor, Tensor]:
+        # Selected indices first, ascending; the tail is unused (filled with 0).
+        order = torch.where(sel, kb, nb + kb).argsort(dim=-1, stable=True)
+        chosen = torch.where(sel, kb, 0).gather(-1, order)
+        chosen = torch.where(torch.arange(span)[None, :] < sel.sum(-1, keepdim=True), chosen, 0)
+        idx = torch.zeros(nb, nb, dtype=torch.int32)
+        idx[:, :span] = chosen.to(torch.int32)
+        return sel.sum(-1).to(torch.int32)[None, None], idx[None, None]
+
+    return (*pack(partial), *pack(full))
+
+
+def _block_mask(
+    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, all_partial: bool, device: torch.device
+):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    key = (n, w, lb, lf, causal, exact, all_partial, str(device))
+    bm = _block_mask_cache.get(key)
+    if bm is None:
+        tensors = [t.to(device) for t in _window_kv_blocks(n, w, lb, lf, causal, exact, all_partial)]
+        bm = BlockMask.from_kv_blocks(
+            *tensors, BLOCK_SIZE=_BLOCK, mask_mod=_window_mask_mod(n, w, lb, lf, causal, exact)
+        )
+        _block_mask_cache[key] = bm
+        if len(_block_mask_cache) > _BLOCK_MASK_CACHE_SIZE:
+            _block_mask_cache.popitem(last=False)
+    else:
+        _block_mask_cache.move_to_end(key)
+    return bm
+
+
+def local_attention_flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int = 1,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    exact_windowsize: bool = False,
+) -> Tensor:
+    """flex_attention path (no argument checks; call `local_attention`). Pads n up to a multiple
+    of 128 (so every torch >= 2.5 accepts the lengths); keys past n are masked by mask_mod. A key
+    padding mask is folded into mask_mod as a captured [b, n_pad] tensor, with every block
+    demoted to partial (a full block would skip mask_mod)."""
+    b, h, n, d = q.shape
+    w, lb, lf = window_size, look_backward, look_forward
+    pad = math.ceil(n / _BLOCK) * _BLOCK - n
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    bm = _block_mask(n, w, lb, lf, causal, exact_windowsize, mask is not None, q.device)
+    if mask is not None:
+        key_mask = F.pad(mask, (0, pad), value=False)
+        window_mod = bm.mask_mod
+
+        def masked_mod(bi: Tensor, hi: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return window_mod(bi, hi, q_idx, kv_idx) & key_mask[bi, kv_idx]
+
+        bm = copy.copy(bm)  # shallow: shares the cached index tensors
+        bm.mask_mod = masked_mod
+    out = _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale)
+    return out[:, :, :n] if pad else out
+
+
+# --------------------------------------------------------------------------------------------
+# public op
+
+
+def _default_backend(q: Tensor) -> str:
+    d = q.shape[-1]
+    flex_ok = q.is_cuda and d >= 16 and (d & (d - 1)) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return "flex" if flex_ok else "reference"
+
+
+def local_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    window_size: int,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    exact_windowsize: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """Windowed attention.
+
+    q, k: [b, h, n, d]; v: [b, h, n, e]; same dtype and device. window_size >= 1;
+    look_backward >= 0; look_forward >= 0, default 0 if causal else 1 (must be 0 when causal).
+    mask: bool [b, n], True = real token (masks keys only). scale: default d ** -0.5.
+    backend: None (flex on CUDA when d is a power of two >= 16, else reference), "reference" or
+    "flex" (on CPU: eager flex_attention, forward only).
+    Returns [b, h, n, e] in q's dtype; queries with no visible key get zeros.
+    Raises TypeError / ValueError on bad arguments.
+    """
+    _check_qkv(q, k, v, mask)
+    window_size = _check_int("window_size", window_size, 1)
+    look_backward, look_forward = _resolve_look(bool(causal), look_backward, look_forward)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if q.shape[2] == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    backend = backend or _default_backend(q)
+    fn = local_attention_flex if backend == "flex" else local_attention_reference
+    return fn(
+        q,
+        k,
+        v,
+        window_size=window_size,
+        causal=bool(causal),
+        look_backward=look_backward,
+        look_forward=look_forward,
+        mask=mask,
+        scale=None if scale is None else float(scale),
+        exact_windowsize=bool(exact_windowsize),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# module
+
+
+class LocalMHA(nn.Module):
+    """Multi-head local attention: qkv projection -> local_attention -> out projection.
+
+    No normalization inside (the caller pre-norms). forward(x [b, n, dim], mask [b, n] bool or
+    None) -> [b, n, dim]. With rotary_emb, q and k are rotated at positions 0..n-1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        window_size: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        causal: bool = False,
+        look_backward: int = 1,
+        look_forward: int | None = None,
+        exact_windowsize: bool = False,
+        rotary_emb: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.dim = _check_int("dim", dim, 1)
+        self.dim_head = _check_int("dim_head", dim_head, 1)
+        self.heads = _check_int("heads", heads, 1)
+        self.window_size = _check_int("window_size", window_size, 1)
+        self.causal = bool(causal)
+        self.look_backward, self.look_forward = _resolve_look(self.causal, look_backward, look_forward)
+        self.exact_windowsize = bool(exact_windowsize)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.backend = backend
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        if rotary_emb and dim_head % 2:
+            raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
+        self.rotary = RotaryEmbedding(dim_head) if rotary_emb else None
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [b, n, dim={self.dim}], got shape {tuple(x.shape)}")
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            freqs = self.rotary(torch.arange(n, device=x.device))
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        out = local_attention(
+            q,
+            k,
+            v,
+            window_size=self.window_size,
+            causal=self.causal,
+            look_backward=self.look_backward,
+            look_forward=self.look_forward,
+            mask=mask,
+            exact_windowsize=self.exact_windowsize,
+            backend=self.backend,
+        )
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, window_size={self.window_size}, "
+            f"causal={self.causal}, look_backward={self.look_backward}, look_forward={self.look_forward}"
+        )

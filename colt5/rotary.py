@@ -1,0 +1,90 @@
+"""Rotary position embeddings (Su et al. 2021) at explicit positions.
+
+Shapes: b batch, h heads, n tokens, d head dim (the last dim of x), r rotated dims (dim_head of
+the embedding, r <= d, even).
+
+Routed attention gathers a subset of tokens and must rotate them by their ORIGINAL positions, so
+the embedding takes a positions tensor rather than a length:
+
+    rotary = RotaryEmbedding(64)
+    freqs = rotary(idx)              # idx [b, k] long -> freqs [b, k, 32], float32
+    q = apply_rotary(q, freqs)       # q [b, h, k, 64]; the heads dim is broadcast
+
+Rotation pairs feature i with feature i + r/2 ("rotate half", GPT-NeoX layout). Features past r
+pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RotaryEmbedding", "apply_rotary"]
+
+
+class RotaryEmbedding(nn.Module):
+    """Angles `positions * theta^(-2i/dim_head)` for i < dim_head / 2.
+
+    forward(positions) takes positions of any shape [..., n] (integer or floating) and returns
+    freqs [..., n, dim_head // 2] in float32 (angles in radians) for `apply_rotary`.
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, dim_head: int, *, theta: float = 10000.0) -> None:
+        super().__init__()
+        if isinstance(dim_head, bool) or not isinstance(dim_head, int) or dim_head < 2 or dim_head % 2:
+            raise ValueError(f"dim_head must be an even int >= 2, got {dim_head!r}")
+        if not theta > 0:
+            raise ValueError(f"theta must be > 0, got {theta!r}")
+        self.dim_head = dim_head
+        self.theta = float(theta)
+        inv_freq = theta ** (-torch.arange(0, dim_head, 2, dtype=torch.float64) / dim_head)
+        # Not persistent: derived from the config, so checkpoints stay free of it.
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def forward(self, positions: Tensor) -> Tensor:
+        if not isinstance(positions, Tensor):
+            raise TypeError(f"positions must be a Tensor, got {type(positions).__name__}")
+        if positions.dtype == torch.bool or positions.is_complex():
+            raise TypeError(f"positions must be an integer or floating tensor, got {positions.dtype}")
+        if positions.dim() < 1:
+            raise ValueError("positions must have at least 1 dim [..., n], got a scalar")
+        # float32 angles: positions up to 2^24 are exact, enough for 128k contexts.
+        return positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
+
+    def extra_repr(self) -> str:
+        return f"dim_head={self.dim_head}, theta={self.theta:g}"
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
+    """Rotate the first 2 * freqs.shape[-1] features of x by the angles in freqs.
+
+    x: [..., n, d] (e.g. [b, h, n, d] or [b, n, d]); freqs: [n, r/2] (shared by the batch) or
+    [b, n, r/2] (per-batch positions, e.g. gathered tokens). With x of rank 4 and freqs of rank 3
+    the heads dim is inserted into freqs; otherwise freqs must broadcast against x[..., :r/2].
+    Computed in float32, returned in x's dtype. Raises ValueError on mismatched shapes.
+    """
+    if not isinstance(x, Tensor) or not isinstance(freqs, Tensor):
+        raise TypeError("x and freqs must be Tensors")
+    if x.dim() < 2 or freqs.dim() < 2:
+        raise ValueError(f"x must be [..., n, d] and freqs [..., n, r/2]; got ranks {x.dim()} and {freqs.dim()}")
+    half = freqs.shape[-1]
+    rot = 2 * half
+    if rot > x.shape[-1]:
+        raise ValueError(f"freqs rotate {rot} features but x has only d={x.shape[-1]}")
+    if freqs.shape[-2] != x.shape[-2]:
+        raise ValueError(f"freqs has n={freqs.shape[-2]} positions but x has n={x.shape[-2]}")
+    if x.dim() == 4 and freqs.dim() == 3:
+        freqs = freqs.unsqueeze(1)  # [b, n, r/2] -> [b, 1, n, r/2]: broadcast over heads
+    freqs = torch.cat((freqs, freqs), dim=-1).float()
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    xf = x_rot.float()
+    out = xf * freqs.cos() + _rotate_half(xf) * freqs.sin()
+    out = out.to(x.dtype)
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
