@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["FeedForward"]
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens
+
+__all__ = ["FeedForward", "ConditionalRoutedFeedForward"]
 
 
 def _hidden_dim(dim: int, mult: float, name: str = "mult") -> int:
@@ -36,3 +38,76 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def _router_kwargs(router_kwargs: dict | None, **fixed) -> dict:
+    """The router's keyword arguments: the layer's own settings, then the user's router_kwargs.
+
+    Keys the layer must control itself (dim, num_routing_tokens) may not come from router_kwargs.
+    """
+    if router_kwargs is None:
+        router_kwargs = {}
+    if not isinstance(router_kwargs, dict):
+        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
+    for key in ("dim", "num_routing_tokens"):
+        if key in router_kwargs:
+            raise ValueError(f"router_kwargs may not set {key!r}: the layer sets it")
+    return {**fixed, **router_kwargs}
+
+
+class ConditionalRoutedFeedForward(nn.Module):
+    """CoLT5's routed feedforward: light FF on every token, heavy FF on the routed tokens.
+
+    forward(x [b, n, d], mask=None [b, n] bool, num_heavy_tokens=None) returns
+    FF_light(norm(x)) + route_back(s * FF_heavy(norm(x)[routed])) — WITHOUT the residual: the
+    block adds x. One LayerNorm feeds both branches and the router.
+
+    Args:
+        dim: model width d.
+        num_heavy_tokens: tokens per sequence taking the heavy FF (CoLT5: n / 16); forward's
+            num_heavy_tokens overrides it per call. When n <= num_heavy_tokens every token takes
+            the heavy FF with weight 1 (no routing).
+        light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (CoLT5: 1/2 and 4).
+        router_straight_through: the soft weights are 1 in the forward, soft in the backward.
+        router_kwargs: extra `CoordinateDescentRouter` arguments (n_iters, eps, fetch_k_ratio,
+            cosine_sim_routing, route_block_size, ...).
+        use_triton: True / False force the Triton / reference soft top-k; None picks by device.
+
+    `self.router` may be replaced by any `colt5.routers.Router` (e.g. a subclass with its own
+    `score`) with one route.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heavy_tokens: int,
+        light_ff_mult: float = 0.5,
+        heavy_ff_mult: float = 4,
+        router_straight_through: bool = True,
+        router_kwargs: dict | None = None,
+        use_triton: bool | None = None,
+    ):
+        super().__init__()
+        check_num_tokens(dim, "dim")
+        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+        self.dim = dim
+        self.num_heavy_tokens = num_heavy_tokens
+        self.norm = nn.LayerNorm(dim)
+        self.light_ff = FeedForward(dim, light_ff_mult)
+        self.heavy_ff = FeedForward(dim, heavy_ff_mult)
+        kwargs = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        self.router = CoordinateDescentRouter(dim, **kwargs)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None) -> Tensor:
+        check_tokens(x, self.dim, mask)
+        num_heavy_tokens = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
+        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+
+        x = self.norm(x)
+        light = self.light_ff(x)
+        indices, scores, routed, routed_mask = self.router(x, num_tokens=num_heavy_tokens, mask=mask)
+        heavy = self.heavy_ff(routed)
+        if scores is not None:
+            heavy = heavy * scores.unsqueeze(-1).to(heavy.dtype)
+        return self.router.route_back(light, heavy, indices, routed_mask)
