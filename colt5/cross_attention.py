@@ -1,0 +1,199 @@
+"""Routed cross attention: a few routed queries attend to a few routed memories of a long context.
+
+Shapes: b batch, n query sequence, m context length (up to ~1M memories), d model dim, c context
+dim, h heads, dh head dim, r key-value routes, g = h / r heads per route, i routed queries,
+j routed memories per route.
+
+CoLT5's heavy attention (Ainslie et al. 2023, section 3.2) applied across two sequences: one
+router picks the queries of x, another picks key/value tokens of the context (in blocks of
+`route_block_size` for very long contexts). With several key-value routes each route picks its own
+memories and serves its own group of g heads. Values are scaled by the kv soft scores, the
+output by the query soft scores; unrouted queries get a learned null output.
+
+Memory stays O(m * c) in the context: the routers score all memories with one matmul ([b, r, m]
+scores), gather picks with index_select, and norms and projections run on the picks only. Nothing
+of shape [b, r, m, c] is ever built.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from colt5.attention import heavy_attend
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens
+
+__all__ = ["ConditionalRoutedCrossAttention"]
+
+
+def _check_bool_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, of: str) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor [batch, seq], got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (batch, seq of {of}), got {tuple(mask.shape)}")
+
+
+def _router_kwargs(router_kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+    if not isinstance(router_kwargs, dict):
+        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
+    return {**defaults, **router_kwargs}
+
+
+class ConditionalRoutedCrossAttention(nn.Module):
+    """Routed queries of x attend to routed memories of a (very long) context, plus a null key/value.
+
+    Args:
+        dim: width d of x (and of the output).
+        num_tokens_q: queries routed to the heavy attention (default for forward).
+        num_tokens_kv: memories routed per key-value route (default for forward). With
+            route_block_size the context is routed per block and the total is rounded up to a
+            multiple of the number of blocks.
+        dim_head, heads: the attention's head size and head count.
+        router_straight_through, router_kwargs, use_triton: passed to both routers
+            (`CoordinateDescentRouter`); router_kwargs wins over the named ones.
+        kv_routing_tokens: key-value routes r; each picks its own memories for heads // r heads.
+        multiply_keys_by_score: also scale keys (not only values) by the kv scores.
+        use_null_q_tokens: unrouted queries output a learned null token (else zeros).
+        use_flash_attn: accepted for compatibility; SDPA picks its kernel (flash where eligible).
+        route_block_size: route the context in blocks of this many memories.
+        dim_context: width c of the context (default dim).
+
+    forward(x [b, n, d], context [b, m, c], *, num_tokens_q=None, num_tokens_kv=None,
+    mask=None [b, n] bool, context_mask=None [b, m] bool; True = real) -> [b, n, d].
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_tokens_q: int,
+        num_tokens_kv: int,
+        dim_head: int = 64,
+        heads: int = 8,
+        router_straight_through: bool = True,
+        router_kwargs: dict[str, Any] = {},  # noqa: B006 (read only; the name is the contract)
+        kv_routing_tokens: int = 1,
+        multiply_keys_by_score: bool = False,
+        use_triton: bool | None = None,
+        use_null_q_tokens: bool = True,
+        use_flash_attn: bool | None = None,
+        route_block_size: int | None = None,
+        dim_context: int | None = None,
+    ):
+        super().__init__()
+        dim_context = dim if dim_context is None else dim_context
+        for name, value in (
+            ("dim", dim),
+            ("dim_context", dim_context),
+            ("num_tokens_q", num_tokens_q),
+            ("num_tokens_kv", num_tokens_kv),
+            ("dim_head", dim_head),
+            ("heads", heads),
+            ("kv_routing_tokens", kv_routing_tokens),
+        ):
+            check_num_tokens(value, name)
+        if heads % kv_routing_tokens != 0:
+            raise ValueError(f"heads ({heads}) must be divisible by kv_routing_tokens ({kv_routing_tokens})")
+        if route_block_size is not None:
+            check_num_tokens(route_block_size, "route_block_size")
+
+        self.dim, self.dim_context = dim, dim_context
+        self.num_tokens_q, self.num_tokens_kv = num_tokens_q, num_tokens_kv
+        self.heads, self.dim_head, self.kv_routing_tokens = heads, dim_head, kv_routing_tokens
+        self.multiply_keys_by_score = multiply_keys_by_score
+        self.use_flash_attn = use_flash_attn
+
+        shared = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        self.q_router = CoordinateDescentRouter(dim, **shared)
+        self.kv_router = CoordinateDescentRouter(
+            dim_context,
+            **{**shared, "num_routing_tokens": kv_routing_tokens, "route_block_size": route_block_size},
+        )
+
+        inner = heads * dim_head
+        # Pre-norms run on the routed tokens only (a norm over 1M memories would cost another [b, m, c]).
+        self.norm = nn.LayerNorm(dim)
+        self.context_norm = nn.LayerNorm(dim_context)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        # Rows grouped as [k|v, route, heads of the route * dh]: each route projects only its heads.
+        self.to_kv = nn.Linear(dim_context, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.null_k = nn.Parameter(torch.randn(heads, dim_head))
+        self.null_v = nn.Parameter(torch.randn(heads, dim_head))
+        self.null_q_token = nn.Parameter(torch.randn(dim)) if use_null_q_tokens else None
+
+    def _project_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """kv [b, r, j, c] (one route's memories per head group) -> k, v [b, h, j, dh]."""
+        r = self.kv_routing_tokens
+        weight = self.to_kv.weight.view(2, r, -1, self.dim_context)
+        if torch.is_autocast_enabled(kv.device.type):
+            weight = weight.to(torch.get_autocast_dtype(kv.device.type))
+        kv = kv.to(weight.dtype)
+        k, v = torch.einsum("b r j c, t r e c -> t b r j e", kv, weight).unbind(0)
+        split = "b r j (g dh) -> b (r g) j dh"
+        return rearrange(k, split, dh=self.dim_head), rearrange(v, split, dh=self.dim_head)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        *,
+        num_tokens_q: int | None = None,
+        num_tokens_kv: int | None = None,
+        mask: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        check_tokens(x, self.dim, None, "x")
+        check_tokens(context, self.dim_context, None, "context")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"context must have batch {x.shape[0]} (that of x), got {context.shape[0]}")
+        _check_bool_mask(mask, tuple(x.shape[:2]), "mask", "x")
+        _check_bool_mask(context_mask, tuple(context.shape[:2]), "context_mask", "context")
+        num_tokens_q = self.num_tokens_q if num_tokens_q is None else num_tokens_q
+        num_tokens_kv = self.num_tokens_kv if num_tokens_kv is None else num_tokens_kv
+        check_num_tokens(num_tokens_q, "num_tokens_q")
+        check_num_tokens(num_tokens_kv, "num_tokens_kv")
+
+        b, n, d = x.shape
+        h, r = self.heads, self.kv_routing_tokens
+        g = h // r
+
+        q_idx, q_scores, q_tokens, _ = self.q_router(x, num_tokens=num_tokens_q, mask=mask)
+        _, kv_scores, kv_tokens, kv_mask = self.kv_router(
+            context, num_tokens=num_tokens_kv, mask=context_mask, keep_one_route_dim=True
+        )  # kv_tokens [b, r, j, c]; an expanded view of the context when it is short
+
+        q = rearrange(self.to_q(self.norm(q_tokens)), "b i (h dh) -> b h i dh", h=h)
+        k, v = self._project_kv(self.context_norm(kv_tokens))
+        if kv_scores is not None:
+            per_head = kv_scores.repeat_interleave(g, dim=1).unsqueeze(-1).to(v.dtype)  # [b, h, j, 1]
+            v = v * per_head
+            if self.multiply_keys_by_score:
+                k = k * per_head
+        if kv_mask is not None:
+            kv_mask = kv_mask.repeat_interleave(g, dim=1)  # [b, h, j]
+
+        out = heavy_attend(q, k, v, null_k=self.null_k, null_v=self.null_v, kv_mask=kv_mask)
+        out = self.to_out(rearrange(out, "b h i dh -> b i (h dh)"))  # [b, i, d]
+        if q_idx is None:  # every query was routed
+            return out
+        out = out * q_scores.unsqueeze(-1).to(out.dtype)
+        if self.null_q_token is None:
+            base = out.new_zeros(b, n, d)
+        else:
+            base = self.null_q_token.to(out.dtype).expand(b, n, d)
+        # Query picks are unique (one top-k per row): a plain scatter, deterministic.
+        return base.scatter(1, q_idx.unsqueeze(-1).expand(-1, -1, d), out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, dim_context={self.dim_context}, num_tokens_q={self.num_tokens_q}, "
+            f"num_tokens_kv={self.num_tokens_kv}, heads={self.heads}, dim_head={self.dim_head}, "
+            f"kv_routing_tokens={self.kv_routing_tokens}, route_block_size={self.kv_router.route_block_size}"
+        )
