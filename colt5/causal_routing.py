@@ -1,0 +1,184 @@
+"""Strictly causal routing: which tokens take the heavy branch, decided from the past only.
+
+Shapes: b batch, n sequence, d model dim, r routes, W routing window, w = ceil(n / W) windows,
+C capacity (routed tokens) per window, k = w * C routed slots per route.
+
+The scheme ("causal windowed routing")
+--------------------------------------
+A top-k over a window that contains later tokens leaks the future: whether token i is picked
+depends on the tokens after it. So the sequence is cut into routing windows of W tokens, each
+with C slots, and the decision for token i in window w uses only token i's own score and the
+scores of strictly earlier tokens:
+
+1. Threshold from the previous window. Coordinate-descent soft top-k (the CoLT5 router, with
+   k' = C * fetch_k_ratio) runs on the scores of window w - 1 alone; its dual variable a_{w-1} is
+   the offset that makes y_j = exp(min(s_j + a_{w-1}, 0) / eps) sum to k' over that window.
+2. Weights from that threshold. Each token i of window w gets y_i = exp(min(s_i + a_{w-1}, 0) / eps):
+   a function of s_i and of the past only. It is differentiable, so gradients reach the router
+   through s_i and, through a_{w-1}, through the previous window's scores.
+3. Capacity in position order. Token i is a candidate when y_i > 1/2; the candidates of a window
+   take its C slots first come, first served, so whether i gets a slot depends on the candidates
+   at positions <= i only. Unused slots are masked.
+4. The first window has no past: its first C tokens take its C slots (weight 1, no router
+   gradient). A sequence of n <= C tokens is therefore routed entirely.
+
+Why this one: it keeps CoLT5's router (score x.u, soft top-k by coordinate descent) and its
+gradient; every shape is static (w * C slots per route, whatever the scores), there is no host
+sync and no data-dependent indexing, and the work is one coordinate descent over [b, r, w-1, W]
+plus a cumsum and a top-k of C over each window. The threshold of the previous window is the
+natural estimate of this window's C-th best score when the score distribution drifts slowly;
+asking for k' = 9/8 C candidates keeps the slots full when it drifts, at the price that late
+tokens of an over-subscribed window lose their slot. Mixture-of-Depths (Raposo et al. 2024)
+instead trains an auxiliary predictor of top-k membership for sampling, which is causal only
+at inference; this scheme is causal in training and inference alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from colt5.kernels.checks import eps_schedule
+from colt5.routers import CoordinateDescentRouter, RouterReturn, check_num_tokens, check_tokens, gather_tokens
+
+__all__ = ["CausalCoordinateDescentRouter", "soft_top_k_offset"]
+
+
+def soft_top_k_offset(
+    s: Tensor,
+    *,
+    k: float,
+    n_iters: int,
+    eps: float,
+    eps_init: float | None = None,
+    eps_decay: float = 1.0,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, float]:
+    """The dual offset of coordinate-descent soft top-k: returns (a [..., 1], e) such that
+    `colt5.coor_descent(s, ...)` equals exp(min(s + a, 0) / e) at the unmasked positions.
+
+    The same iteration as `colt5.kernels.coor_descent_reference` (the design note's scalar
+    recurrence), stopped before the output; autograd differentiates it. Computed in float32
+    (float64 for float64 scores). A row with nothing unmasked gives a finite dummy offset.
+    """
+    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+    valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
+    empty_row = ~valid.any(dim=-1, keepdim=True)
+    take_part = valid | empty_row
+    x = torch.where(take_part, s.to(dtype), 0.0)
+    schedule = eps_schedule(n_iters, eps, eps_init, eps_decay)
+    log_k = math.log(k)
+    n_valid = take_part.sum(dim=-1, keepdim=True).to(dtype)
+    a = schedule[0] * (log_k - n_valid.log())
+    for e in schedule[1:-1]:
+        z = torch.where(x + a > 0, -a, x) / e
+        z = z.masked_fill(~take_part, float("-inf"))
+        a = e * (log_k - z.logsumexp(dim=-1, keepdim=True))
+    return a, schedule[-1]
+
+
+class CausalCoordinateDescentRouter(CoordinateDescentRouter):
+    """CoLT5's router made strictly causal by routing in windows (see the module docstring).
+
+    Scores are CoordinateDescentRouter's (x . u per route, or cosine); only the selection differs.
+    forward(x [b, n, d], *, num_tokens=C, ...) returns a RouterReturn with k = ceil(n / W) * C
+    slots per route, in window order and position order within a window:
+
+        indices [b, (r,) k] long  original positions (unused slots point at some position)
+        scores  [b, (r,) k]       y at the slot (1 in the forward with straight_through)
+        routed_tokens [b, (r,) k, d]
+        routed_mask   [b, (r,) k] bool, False = unused slot (never None)
+
+    The output for position i depends on x[:, :i + 1] only, whatever the rest of the sequence.
+
+    Args:
+        dim: model width d.
+        window_size: routing window W (>= 1); num_tokens (the capacity C per window) must be <= W.
+        Everything else as CoordinateDescentRouter (route_block_size is not supported: windows
+        play its part).
+    """
+
+    def __init__(self, dim: int, *, window_size: int, **kwargs) -> None:
+        if kwargs.get("route_block_size") is not None:
+            raise ValueError("route_block_size is not supported by the causal router: window_size plays its part")
+        super().__init__(dim, **kwargs)
+        check_num_tokens(window_size, "window_size")
+        self.window_size = window_size
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        num_tokens: int,
+        mask: Tensor | None = None,
+        random_route: bool = False,
+        routing_tokens: Tensor | None = None,
+        keep_one_route_dim: bool = False,
+    ) -> RouterReturn:
+        check_tokens(x, self.dim, mask)
+        check_num_tokens(num_tokens)
+        W = self.window_size
+        if num_tokens > W:
+            raise ValueError(f"num_tokens (capacity per routing window) must be <= window_size={W}, got {num_tokens}")
+        b, n, d = x.shape
+        r, C = self.num_routing_tokens, num_tokens
+        nw = -(-n // W)
+        pad = nw * W - n
+
+        scores = self.score(x, routing_tokens)  # [b, r, n]
+        s = F.pad(scores, (0, pad)).view(b, r, nw, W)
+        real = torch.ones(b, r, n, dtype=torch.bool, device=x.device) if mask is None else mask.unsqueeze(1).expand(b, r, n)
+        real = F.pad(real, (0, pad), value=False).view(b, r, nw, W)
+
+        y, candidate = self._window_weights(s, real, C)
+        if random_route:
+            # Causal too: each token's coin is its own.
+            candidate = torch.rand(b, r, nw, W, device=x.device) < min(1.0, C * self.fetch_k_ratio / W)
+            y = torch.ones_like(y)
+        candidate = candidate & real
+
+        # First come, first served: the j-th candidate of a window takes slot j if j < C.
+        routed = candidate & (candidate.cumsum(-1) <= C)
+        pos = torch.arange(W, device=x.device)
+        key = torch.where(routed, pos, pos + W)  # routed tokens first, each group in position order
+        slot = key.topk(C, dim=-1, largest=False, sorted=True).indices  # [b, r, nw, C]
+        slot_mask = routed.gather(-1, slot)
+        weights = y.gather(-1, slot).to(scores.dtype)
+        if self.straight_through:
+            weights = weights + (1.0 - weights).detach()
+        starts = torch.arange(nw, device=x.device).mul_(W).view(1, 1, nw, 1)
+        # Slots in the padded tail of the last window point at n - 1 and are masked.
+        indices = (slot + starts).clamp_max_(n - 1).flatten(2)
+        weights, slot_mask = weights.flatten(2), slot_mask.flatten(2)
+
+        routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
+        if r == 1 and not keep_one_route_dim:
+            return RouterReturn(indices[:, 0], weights[:, 0], routed_tokens[:, 0], slot_mask[:, 0])
+        return RouterReturn(indices, weights, routed_tokens, slot_mask)
+
+    def _window_weights(self, s: Tensor, real: Tensor, C: int) -> tuple[Tensor, Tensor]:
+        """Soft weights y and candidacy (y > 1/2) of every token from the previous window's dual."""
+        b, r, nw, W = s.shape
+        dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
+        first_y = torch.ones(b, r, 1, W, dtype=dtype, device=s.device)
+        first_candidate = torch.ones(b, r, 1, W, dtype=torch.bool, device=s.device)
+        if nw == 1:
+            return first_y, first_candidate
+        k = min(C * self.fetch_k_ratio, float(W))
+        a, e = soft_top_k_offset(
+            s[:, :, :-1],
+            k=k,
+            n_iters=self.n_iters,
+            eps=self.eps,
+            eps_init=self.eps_init,
+            eps_decay=self.eps_decay,
+            mask=real[:, :, :-1],
+        )
+        logits = s[:, :, 1:].to(dtype) + a
+        y = torch.exp(logits.clamp_max(0.0) / e)
+        # y > 1/2, decided on the logit so that it cannot flip with rounding of exp.
+        candidate = logits.detach() > -e * math.log(2.0)
+        return torch.cat((first_y, y), dim=2), torch.cat((first_candidate, candidate), dim=2)
