@@ -39,9 +39,13 @@ def _check_bool_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, of:
         raise ValueError(f"{name} must have shape {shape} (batch, seq of {of}), got {tuple(mask.shape)}")
 
 
-def _router_kwargs(router_kwargs: dict[str, Any], **defaults: Any) -> dict[str, Any]:
+def _router_kwargs(router_kwargs: dict[str, Any] | None, **defaults: Any) -> dict[str, Any]:
+    router_kwargs = {} if router_kwargs is None else router_kwargs
     if not isinstance(router_kwargs, dict):
         raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
+    for key in ("dim", "num_routing_tokens", "route_block_size"):
+        if key in router_kwargs:
+            raise ValueError(f"router_kwargs may not set {key!r}: the layer sets it")
     return {**defaults, **router_kwargs}
 
 
@@ -126,7 +130,7 @@ class ConditionalRoutedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.null_k = nn.Parameter(torch.randn(heads, dim_head))
         self.null_v = nn.Parameter(torch.randn(heads, dim_head))
-        self.null_q_token = nn.Parameter(torch.randn(dim)) if use_null_q_tokens else None
+        self.null_q_token = nn.Parameter(torch.randn(dim) * 0.02) if use_null_q_tokens else None
 
     def _project_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         """kv [b, r, j, c] (one route's memories per head group) -> k, v [b, h, j, dh]."""
