@@ -20,3 +20,10 @@ __all__ += [
     "FeedForward",
     "heavy_attend",
 ]
+
+# Non-causal routed attention variants (issue 4): cross attention over long contexts, feature maps.
+# The routed ViT lives in its own module: colt5.vit.ConditionalRoutedViT.
+from colt5.cross_attention import ConditionalRoutedCrossAttention  # noqa: E402
+from colt5.image_attention import ConditionalRoutedImageAttention  # noqa: E402
+
+__all__ += ["ConditionalRoutedCrossAttention", "ConditionalRoutedImageAttention"]

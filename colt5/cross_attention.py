@@ -17,7 +17,6 @@ of shape [b, r, m, c] is ever built.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import torch
