@@ -1,18 +1,544 @@
-"""Coordinate-descent soft top-k: public op and dispatch.
+"""Coordinate-descent soft top-k: Triton kernels, launchers, the torch.library op, public entry points.
 
-(The Triton kernels, their launchers and the autograd Function land here next; until then
-every device uses the PyTorch reference.)
+Shapes: s, mask, y, ds are [rows, n] inside (the public functions flatten [..., n]); a per-row
+k is [rows]; stats is [rows, 5, T + 1] fp32 with T = n_iters (see `_STAT_*`).
+
+The math is in shared/design/coordinate-descent.md. A row's whole state is one scalar `a`:
+
+    M_t     = min(max s, -a_t)                     (the max of min(s, -a_t), known before the pass)
+    S_t     = sum_i exp((min(s_i, -a_t) - M_t) / e_t),   q_t = clamped part of S_t / S_t
+    a_{t+1} = e_t (log k - log S_t) - M_t
+    y_i     = exp(min(s_i + a_T, 0) / e_T)
+
+The forward keeps only (a_t, M_t, e_t, log2 S_t, q_t) per iteration; the backward is one
+reduction (abar_T) and one element-wise pass with one exp per element per iteration.
+
+Work split. A program owns `split_len` elements of one row (a multiple of BLOCK_N; when equal,
+the chunk stays in registers across all iterations, otherwise it is streamed each iteration).
+Rows of few programs' worth of work are split over several programs that exchange per-iteration
+partial sums (count/max, then unclamped mass U and clamped count C) through a small buffer:
+  * cooperative (CUDA only, grid <= SM count so every program is resident): one launch, the
+    programs of a row meet at a spin barrier on a global counter after each iteration;
+  * multi-launch (everywhere, and the only split path the interpreter runs, since it executes
+    programs one after another): launch t finishes iteration t - 1 from the partials and writes
+    the partials of iteration t. No program ever waits for another.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from .checks import check_coor_descent_args
 from .reference import coor_descent_reference
+
+# Triton decides at decoration time whether @triton.jit functions are interpreted.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+LOG2E = 1.4426950408889634
+# Rows in stats[row, :, t]
+_STAT_A, _STAT_M, _STAT_E, _STAT_LOG2S, _STAT_Q = range(5)
+_N_STATS = 5
+_SPIN_LIMIT = 20_000_000  # a cooperative barrier gives up (wrong result, no hang) past this
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_scores(s_row, mask_row, offs, hi, HAS_MASK: tl.constexpr):
+    """fp32 scores of a chunk; positions that do not take part (masked, NaN, -inf, past the
+    end) read as -inf, which makes every later formula give them weight 0 without a select."""
+    inb = offs < hi
+    s = tl.load(s_row + offs, mask=inb, other=float("-inf")).to(tl.float32)
+    ok = inb & (s == s)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_row + offs, mask=inb, other=0) != 0)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _count_max(s):
+    return tl.sum((s != float("-inf")).to(tl.float32), axis=0), tl.max(s, axis=0)
+
+
+@triton.jit
+def _mass(s, neg_a, M, c):
+    """Unclamped mass U = sum exp2((s - M) c) over s <= -a, and the clamped count C; every
+    clamped position has the same weight exp2((-a - M) c), so S = U + C * that."""
+    clamped = s > neg_a
+    x = tl.where(clamped, float("-inf"), (s - M) * c)
+    return tl.sum(tl.exp2(x), axis=0), tl.sum(clamped.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _coor_descent_fwd_kernel(
+    s_ptr, mask_ptr, k_ptr, y_ptr, stats_ptr, part_ptr, sync_ptr,
+    n, n_splits, n_iters, step_begin, step_end,
+    log_k, eps, eps_first, eps_decay,
+    HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS_P2: tl.constexpr,
+    SPLIT: tl.constexpr, COOPERATIVE: tl.constexpr,
+):
+    # Step t < T computes this program's partial sums of iteration t; step t >= 1 first
+    # finishes iteration t - 1 (combines the partials into a_t); step T writes y.
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, n)
+    s_row = s_ptr + row * n
+    mask_row = mask_ptr + row * n
+    y_row = y_ptr + row * n
+    n_stat = n_iters + 1
+    st = stats_ptr + row * (5 * n_stat)
+    pt = part_ptr + row * (n_stat * n_splits * 2)
+    if K_PER_ROW:
+        log_k = tl.log(tl.load(k_ptr + row).to(tl.float32))
+    zero = eps * 0.0
+    offs = tl.arange(0, BLOCK_N)
+    IN_REGS: tl.constexpr = SPLIT_LEN == BLOCK_N
+    if IN_REGS:
+        s_reg = _load_scores(s_row, mask_row, lo + offs, hi, HAS_MASK)
+
+    # epsilon of iterations step_begin - 1 and step_begin (same fp32 ops on every path)
+    e_prev = zero + eps_first
+    for _ in range(1, step_begin):
+        e_prev = tl.maximum(e_prev * eps_decay, eps)
+    e_cur = tl.where(step_begin > 0, tl.maximum(e_prev * eps_decay, eps), e_prev)
+
+    # state carried from earlier launches (multi-launch path only)
+    n_valid = zero
+    s_max = zero
+    a = zero
+    if SPLIT:
+        if step_begin > 0:
+            sidx = tl.arange(0, SPLITS_P2)
+            cnt = tl.load(pt + sidx * 2, mask=sidx < n_splits, other=0.0)
+            mx = tl.load(pt + sidx * 2 + 1, mask=sidx < n_splits, other=float("-inf"))
+            n_valid = tl.sum(cnt, axis=0)
+            s_max = tl.where(n_valid > 0, tl.max(mx, axis=0), 0.0)
+        if step_begin > 1:
+            a = tl.load(st + _STAT_A * n_stat + step_begin - 1)
+    tot0 = zero
+    tot1 = zero
+
+    for step in range(step_begin, step_end):
+        if step > 0:
+            if SPLIT:
+                sidx = tl.arange(0, SPLITS_P2)
+                pp = pt + (step - 1) * n_splits * 2 + sidx * 2
+                if COOPERATIVE:
+                    p0 = tl.load(pp, mask=sidx < n_splits, other=0.0, volatile=True)
+                    p1 = tl.load(pp + 1, mask=sidx < n_splits, other=0.0, volatile=True)
+                else:
+                    p0 = tl.load(pp, mask=sidx < n_splits, other=0.0)
+                    p1 = tl.load(pp + 1, mask=sidx < n_splits, other=0.0)
+                tot0 = tl.sum(p0, axis=0)
+                if step == 1:
+                    p1 = tl.where(sidx < n_splits, p1, float("-inf"))
+                    tot1 = tl.max(p1, axis=0)
+                else:
+                    tot1 = tl.sum(p1, axis=0)
+            if step == 1:
+                n_valid = tot0
+                # a fully masked row computes on dummy finite values; its y is 0 anyway
+                s_max = tl.where(n_valid > 0, tot1, 0.0)
+                log2_s = tl.log2(tl.maximum(n_valid, 1.0))
+                a_new = e_prev * (log_k - log2_s / LOG2E)
+                m_t = zero
+                q_t = zero
+            else:
+                m_t = tl.minimum(s_max, -a)
+                c = LOG2E / e_prev
+                p_clamped = tl.exp2((-a - m_t) * c)
+                mass = tot0 + tot1 * p_clamped
+                mass = tl.where(mass > 0, mass, 1.0)
+                log2_s = tl.log2(mass)
+                q_t = tot1 * p_clamped / mass
+                a_new = e_prev * (log_k - log2_s / LOG2E) - m_t
+            if split == 0:
+                tl.store(st + _STAT_M * n_stat + step - 1, m_t)
+                tl.store(st + _STAT_E * n_stat + step - 1, e_prev)
+                tl.store(st + _STAT_LOG2S * n_stat + step - 1, log2_s)
+                tl.store(st + _STAT_Q * n_stat + step - 1, q_t)
+                tl.store(st + _STAT_A * n_stat + step, a_new)
+            a = a_new
+
+        if step < n_iters:
+            if step == 0:
+                if IN_REGS:
+                    tot0, tot1 = _count_max(s_reg)
+                else:
+                    tot0 = zero
+                    tot1 = zero + float("-inf")
+                    for off in range(lo, hi, BLOCK_N):
+                        cnt_c, max_c = _count_max(_load_scores(s_row, mask_row, off + offs, hi, HAS_MASK))
+                        tot0 += cnt_c
+                        tot1 = tl.maximum(tot1, max_c)
+            else:
+                m_t = tl.minimum(s_max, -a)
+                c = LOG2E / e_cur
+                if IN_REGS:
+                    tot0, tot1 = _mass(s_reg, -a, m_t, c)
+                else:
+                    tot0 = zero
+                    tot1 = zero
+                    for off in range(lo, hi, BLOCK_N):
+                        u_c, c_c = _mass(_load_scores(s_row, mask_row, off + offs, hi, HAS_MASK), -a, m_t, c)
+                        tot0 += u_c
+                        tot1 += c_c
+            if SPLIT:
+                tl.store(pt + step * n_splits * 2 + split * 2, tot0)
+                tl.store(pt + step * n_splits * 2 + split * 2 + 1, tot1)
+                if COOPERATIVE:
+                    # all threads' partial stores, then one release; spin until the row's
+                    # n_splits programs have all arrived at this step
+                    tl.debug_barrier()
+                    tl.atomic_add(sync_ptr + row, 1, sem="release")
+                    target = n_splits * (step + 1)
+                    arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
+                    spins = 0
+                    while (arrived < target) & (spins < _SPIN_LIMIT):
+                        arrived = tl.atomic_add(sync_ptr + row, 0, sem="acquire")
+                        spins += 1
+                    tl.debug_barrier()
+        else:
+            c = LOG2E / e_cur
+            if split == 0:
+                tl.store(st + _STAT_E * n_stat + step, e_cur)
+            if IN_REGS:
+                y = tl.exp2(tl.minimum(s_reg + a, 0.0) * c)
+                tl.store(y_row + lo + offs, y.to(y_ptr.dtype.element_ty), mask=lo + offs < hi)
+            else:
+                for off in range(lo, hi, BLOCK_N):
+                    sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
+                    y = tl.exp2(tl.minimum(sc + a, 0.0) * c)
+                    tl.store(y_row + off + offs, y.to(y_ptr.dtype.element_ty), mask=off + offs < hi)
+        e_prev = e_cur
+        e_cur = tl.maximum(e_cur * eps_decay, eps)
+
+
+@triton.jit
+def _direct(s, gy, a_T, c_T, inv_e_T):
+    """dL/dy * dy/ds at fixed a_T: gy y / e_T where s + a_T <= 0 (and the position takes part)."""
+    y = tl.exp2(tl.minimum(s + a_T, 0.0) * c_T)
+    keep = (s + a_T <= 0.0) & (s != float("-inf"))
+    return tl.where(keep, gy * y * inv_e_T, 0.0)
+
+
+@triton.jit
+def _chain(s, acc, abar_T, st, n_stat, n_iters):
+    """acc - sum_{t=1}^{T-1} abar_{t+1} softmax_t(s) [s <= -a_t]; abar_t = abar_{t+1} q_t."""
+    ab = abar_T
+    for i in range(1, n_iters):
+        t = n_iters - i
+        a_t = tl.load(st + _STAT_A * n_stat + t)
+        m_t = tl.load(st + _STAT_M * n_stat + t)
+        c = LOG2E / tl.load(st + _STAT_E * n_stat + t)
+        log2_s = tl.load(st + _STAT_LOG2S * n_stat + t)
+        x = tl.where(s > -a_t, float("-inf"), (s - m_t) * c - log2_s)
+        acc -= ab * tl.exp2(x)
+        ab = ab * tl.load(st + _STAT_Q * n_stat + t)
+    return acc
+
+
+@triton.jit
+def _coor_descent_bwd_kernel(
+    gy_ptr, s_ptr, mask_ptr, k_ptr, stats_ptr, part_ptr, ds_ptr, dk_ptr,
+    n, n_splits, n_iters,
+    HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS_P2: tl.constexpr,
+    PHASE: tl.constexpr,  # 0: whole row here; 1: partial abar_T only; 2: combine, then ds
+):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, n)
+    s_row = s_ptr + row * n
+    mask_row = mask_ptr + row * n
+    gy_row = gy_ptr + row * n
+    ds_row = ds_ptr + row * n
+    n_stat = n_iters + 1
+    st = stats_ptr + row * (5 * n_stat)
+    a_T = tl.load(st + _STAT_A * n_stat + n_iters)
+    e_T = tl.load(st + _STAT_E * n_stat + n_iters)
+    c_T = LOG2E / e_T
+    inv_e_T = 1.0 / e_T
+    offs = tl.arange(0, BLOCK_N)
+    IN_REGS: tl.constexpr = SPLIT_LEN == BLOCK_N
+
+    if IN_REGS:
+        s = _load_scores(s_row, mask_row, lo + offs, hi, HAS_MASK)
+        gy = tl.load(gy_row + lo + offs, mask=lo + offs < hi, other=0.0).to(tl.float32)
+        direct = _direct(s, gy, a_T, c_T, inv_e_T)
+
+    if PHASE == 2:
+        sidx = tl.arange(0, SPLITS_P2)
+        abar_T = tl.sum(tl.load(part_ptr + row * n_splits + sidx, mask=sidx < n_splits, other=0.0), axis=0)
+    else:
+        if IN_REGS:
+            abar_T = tl.sum(direct, axis=0)
+        else:
+            abar_T = e_T * 0.0
+            for off in range(lo, hi, BLOCK_N):
+                sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
+                gyc = tl.load(gy_row + off + offs, mask=off + offs < hi, other=0.0).to(tl.float32)
+                abar_T += tl.sum(_direct(sc, gyc, a_T, c_T, inv_e_T), axis=0)
+
+    if PHASE == 1:
+        tl.store(part_ptr + row * n_splits + split, abar_T)
+    else:
+        if IN_REGS:
+            ds = _chain(s, direct, abar_T, st, n_stat, n_iters)
+            tl.store(ds_row + lo + offs, ds.to(ds_ptr.dtype.element_ty), mask=lo + offs < hi)
+        else:
+            for off in range(lo, hi, BLOCK_N):
+                sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
+                gyc = tl.load(gy_row + off + offs, mask=off + offs < hi, other=0.0).to(tl.float32)
+                ds = _chain(sc, _direct(sc, gyc, a_T, c_T, inv_e_T), abar_T, st, n_stat, n_iters)
+                tl.store(ds_row + off + offs, ds.to(ds_ptr.dtype.element_ty), mask=off + offs < hi)
+        if K_PER_ROW:
+            if split == 0:
+                # dk = sum_{t=0}^{T-1} abar_{t+1} e_t / k
+                ab = abar_T
+                acc = abar_T * 0.0
+                for i in range(0, n_iters):
+                    t = n_iters - 1 - i
+                    acc += ab * tl.load(st + _STAT_E * n_stat + t)
+                    ab = ab * tl.load(st + _STAT_Q * n_stat + t)
+                tl.store(dk_ptr + row, acc / tl.load(k_ptr + row).to(tl.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch planning and launchers
+# --------------------------------------------------------------------------------------------
+
+# Largest chunk a program keeps in registers (fp32 scores): 32768 = 64 per thread at 16 warps.
+MAX_REG_BLOCK = 32768
+# A row is split over programs when rows alone leave most SMs idle and a row is this long.
+MIN_SPLIT_N = 16384
+MIN_SPLIT_LEN = 2048
+
+# Tests set these to force small chunks / splits / the multi-launch path on tiny rows.
+_FORCE: dict = {}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    block_n: int
+    split_len: int
+    n_splits: int
+    cooperative: bool
+    num_warps: int
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _warps(block_n: int) -> int:
+    if block_n >= 16384:
+        return 16
+    if block_n >= 4096:
+        return 8
+    return 4
+
+
+def _plan(rows: int, n: int, device: torch.device) -> _Plan:
+    sms = _num_sms(device)
+    split_len = _FORCE.get("split_len")
+    if split_len is None:
+        if n >= MIN_SPLIT_N and rows * 2 <= sms:
+            n_splits = max(1, min(sms // rows, triton.cdiv(n, MIN_SPLIT_LEN)))
+            split_len = triton.cdiv(n, n_splits)
+        else:
+            split_len = n
+    block_n = _FORCE.get("block_n") or min(triton.next_power_of_2(split_len), MAX_REG_BLOCK)
+    block_n = min(block_n, triton.next_power_of_2(split_len))
+    split_len = triton.cdiv(split_len, block_n) * block_n
+    n_splits = triton.cdiv(n, split_len)
+    cooperative = (
+        n_splits > 1
+        and device.type == "cuda"
+        and not INTERPRET
+        and rows * n_splits <= sms
+        and _FORCE.get("cooperative", True)
+    )
+    return _Plan(block_n, split_len, n_splits, cooperative, _FORCE.get("num_warps") or _warps(block_n))
+
+
+def coor_descent_fwd(
+    s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
+    eps: float, eps_first: float, eps_decay: float,
+) -> tuple[Tensor, Tensor]:
+    """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32)."""
+    s = s.contiguous()
+    rows, n = s.shape
+    y = torch.empty_like(s)
+    stats = torch.empty((rows, _N_STATS, n_iters + 1), device=s.device, dtype=torch.float32)
+    if rows == 0 or n == 0:
+        return y, stats
+    plan = _plan(rows, n, s.device)
+    split = plan.n_splits > 1
+    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
+    k_arg = k_rows.contiguous() if k_rows is not None else stats
+    part = (
+        torch.empty((rows, n_iters + 1, plan.n_splits, 2), device=s.device, dtype=torch.float32)
+        if split else stats
+    )
+    sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if plan.cooperative else stats
+    steps = [(0, n_iters + 1)] if (not split or plan.cooperative) else [(t, t + 1) for t in range(n_iters + 1)]
+    for step_begin, step_end in steps:
+        _coor_descent_fwd_kernel[(rows, plan.n_splits)](
+            s, mask_arg, k_arg, y, stats, part, sync,
+            n, plan.n_splits, n_iters, step_begin, step_end,
+            math.log(k), float(eps), float(eps_first), float(eps_decay),
+            HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
+            BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
+            SPLITS_P2=triton.next_power_of_2(plan.n_splits),
+            SPLIT=split, COOPERATIVE=plan.cooperative,
+            num_warps=plan.num_warps,
+        )
+    return y, stats
+
+
+def coor_descent_bwd(
+    gy: Tensor, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor, n_iters: int,
+) -> tuple[Tensor, Tensor]:
+    """-> (ds [rows, n] in s.dtype, dk [rows] fp32, or an empty tensor when k is a number)."""
+    s, gy = s.contiguous(), gy.contiguous()
+    rows, n = s.shape
+    ds = torch.empty_like(s)
+    dk = torch.empty(rows if k_rows is not None else 0, device=s.device, dtype=torch.float32)
+    if rows == 0 or n == 0:
+        return ds, dk.zero_()
+    plan = _plan(rows, n, s.device)
+    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
+    k_arg = k_rows.contiguous() if k_rows is not None else stats
+    part = torch.empty((rows, plan.n_splits), device=s.device, dtype=torch.float32)
+    phases = (0,) if plan.n_splits == 1 else (1, 2)
+    for phase in phases:
+        _coor_descent_bwd_kernel[(rows, plan.n_splits)](
+            gy, s, mask_arg, k_arg, stats, part, ds, dk if k_rows is not None else stats,
+            n, plan.n_splits, n_iters,
+            HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
+            BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
+            SPLITS_P2=triton.next_power_of_2(plan.n_splits), PHASE=phase,
+            num_warps=plan.num_warps,
+        )
+    return ds, dk
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile: no graph break) and their autograd
+# --------------------------------------------------------------------------------------------
+
+_FWD_SCHEMA = (
+    "(Tensor s, Tensor? mask, Tensor? k_rows, float k, int n_iters, float eps, float eps_first, "
+    "float eps_decay) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = "(Tensor gy, Tensor s, Tensor? mask, Tensor? k_rows, Tensor stats, int n_iters) -> (Tensor, Tensor)"
+
+
+@torch.library.custom_op("colt5::coor_descent_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+    return coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay)
+
+
+@_fwd_op.register_fake
+def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+    stats = s.new_empty((s.shape[0], _N_STATS, n_iters + 1), dtype=torch.float32)
+    return torch.empty_like(s, memory_format=torch.contiguous_format), stats
+
+
+@torch.library.custom_op("colt5::coor_descent_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def _bwd_op(gy, s, mask, k_rows, stats, n_iters):
+    return coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters)
+
+
+@_bwd_op.register_fake
+def _(gy, s, mask, k_rows, stats, n_iters):
+    dk = s.new_empty((s.shape[0] if k_rows is not None else 0,), dtype=torch.float32)
+    return torch.empty_like(s, memory_format=torch.contiguous_format), dk
+
+
+def _setup_context(ctx, inputs, output):
+    s, mask, k_rows, _k, n_iters, *_ = inputs
+    ctx.save_for_backward(s, mask, k_rows, output[1])
+    ctx.n_iters = n_iters
+
+
+def _backward(ctx, gy, _gstats):
+    s, mask, k_rows, stats = ctx.saved_tensors
+    ds, dk = _bwd_op(gy, s, mask, k_rows, stats, ctx.n_iters)
+    return ds, None, (dk if k_rows is not None else None), None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def triton_coor_descent(
+    s: Tensor,
+    *,
+    n_iters: int,
+    k: float | Tensor,
+    eps: float = 0.1,
+    eps_init: float | None = None,
+    eps_decay: float = 1.0,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """`coor_descent` on the Triton kernels, whatever the device (see `coor_descent`).
+
+    Computes in fp32 for every input dtype (fp64 too) and returns `s.dtype`. On CPU tensors it
+    needs Triton's interpreter, i.e. TRITON_INTERPRET=1 set before colt5 was imported.
+
+    Raises:
+        TypeError / ValueError naming the argument for invalid arguments; RuntimeError for a
+        CPU tensor without the interpreter.
+    """
+    check_coor_descent_args(
+        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+    )
+    return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
+
+
+def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tensor:
+    if s.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            "triton_coor_descent needs a CUDA tensor, or TRITON_INTERPRET=1 set in the environment "
+            f"before colt5 is imported to run the Triton kernels on {s.device.type}; got s on "
+            f"{s.device}. Use coor_descent(...) for the PyTorch reference."
+        )
+    if s.numel() == 0:
+        return coor_descent_reference(
+            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+        )
+    n = s.shape[-1]
+    eps_first = max(eps_init if eps_init is not None else eps, eps)
+    s2 = s.reshape(-1, n)
+    mask2 = mask.reshape(-1, n) if mask is not None else None
+    if isinstance(k, Tensor):
+        k_rows, k_val = k.reshape(-1).to(device=s.device, dtype=torch.float32), 1.0
+    else:
+        k_rows, k_val = None, float(k)
+    y, _ = _fwd_op(s2, mask2, k_rows, k_val, int(n_iters), float(eps), float(eps_first), float(eps_decay))
+    return y.view(s.shape)
 
 
 def coor_descent(
@@ -32,7 +558,8 @@ def coor_descent(
     row: the solution of max_y s.y + eps H(y) s.t. sum(y) = k, 0 <= y <= 1.
 
     Args:
-        s: scores [..., n], fp32/fp16/bf16 (computed in fp32; fp64 is computed in fp64).
+        s: scores [..., n], fp32/fp16/bf16 (computed in fp32; fp64 is computed in fp64 by the
+            reference, in fp32 by the Triton kernels).
         n_iters: iterations, >= 1.
         k: target sum, a number > 0 or a tensor of shape s.shape[:-1] (per-row k; it gets a
             gradient when it requires one).
@@ -46,13 +573,16 @@ def coor_descent(
     gradient). Nothing is NaN unless an input is.
 
     Raises:
-        TypeError / ValueError naming the argument for invalid arguments.
+        TypeError / ValueError naming the argument for invalid arguments; RuntimeError for
+        backend="triton" on a CPU tensor without TRITON_INTERPRET=1.
     """
     check_coor_descent_args(
         s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
     )
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+    if backend == "triton" or (backend is None and s.device.type == "cuda"):
+        return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
     return coor_descent_reference(
         s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
     )
