@@ -27,3 +27,9 @@ from colt5.cross_attention import ConditionalRoutedCrossAttention  # noqa: E402
 from colt5.image_attention import ConditionalRoutedImageAttention  # noqa: E402
 
 __all__ += ["ConditionalRoutedCrossAttention", "ConditionalRoutedImageAttention"]
+
+# Light attention branch: local windowed attention, rotary embeddings at explicit positions.
+from colt5.local_attention import LocalMHA, local_attention  # noqa: E402
+from colt5.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+
+__all__ += ["LocalMHA", "local_attention", "RotaryEmbedding", "apply_rotary"]
