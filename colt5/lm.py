@@ -2,11 +2,13 @@
 
 Shapes: b batch, n sequence (<= max_seq_len), d model dim, V vocabulary (256 bytes by default).
 
-    tokens [b, n] long -> embed + learned absolute position -> backbone -> LayerNorm -> logits [b, n, V]
+    tokens [b, n] long -> embed + learned absolute position -> backbone (ends in a LayerNorm)
+    -> linear -> logits [b, n, V]
 
 The backbone is chosen in one place, `build_backbone`: the strictly causal routed stack
-(`colt5.autoregressive.ConditionalRoutedAutoregressiveTransformer`) by default, or
-`colt5.dense.DenseTransformer(causal=True)` with `dense=True`, for a like-for-like baseline.
+(`colt5.autoregressive.ConditionalRoutedAutoregressiveTransformer`, which ends in its own final
+LayerNorm) by default, or `colt5.dense.DenseTransformer(causal=True)` followed by a LayerNorm with
+`dense=True`, for a like-for-like baseline. Positions are a learned absolute embedding for both.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ __all__ = ["CoLT5LanguageModel", "build_backbone"]
 
 
 def build_backbone(dim: int, *, depth: int, dense: bool, **kwargs) -> nn.Module:
-    """The one place a backbone is chosen: a causal [b, n, d] -> [b, n, d] module.
+    """The one place a backbone is chosen: a causal [b, n, d] -> [b, n, d] module ending in a norm.
 
     kwargs go to the chosen constructor unchanged (dense: heads, dim_head, ff_mult; routed: the
     block kwargs of ConditionalRoutedAutoregressiveTransformer).
     """
     if dense:
-        return DenseTransformer(dim, depth=depth, causal=True, **kwargs)
+        return nn.Sequential(DenseTransformer(dim, depth=depth, causal=True, **kwargs), nn.LayerNorm(dim))
     # Imported lazily so the dense model works without the routed layers.
     from colt5.autoregressive import ConditionalRoutedAutoregressiveTransformer
 
@@ -76,7 +78,6 @@ class CoLT5LanguageModel(nn.Module):
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
         self.backbone = build_backbone(dim, depth=depth, dense=self.dense, **backbone_kwargs)
-        self.norm = nn.LayerNorm(dim)
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
         # Small embeddings keep the residual stream at unit-ish scale at init (N(0, 1) rows would
         # dominate the first blocks' updates).
@@ -112,7 +113,7 @@ class CoLT5LanguageModel(nn.Module):
     def _logits(self, tokens: Tensor) -> Tensor:
         n = tokens.shape[1]
         x = self.token_emb(tokens) + self.pos_emb(torch.arange(n, device=tokens.device))
-        return self.to_logits(self.norm(self.backbone(x)))
+        return self.to_logits(self.backbone(x))
 
     def loss(self, tokens: Tensor) -> Tensor:
         """tokens [b, n + 1] long -> mean cross entropy (nats) of predicting tokens[:, 1:].

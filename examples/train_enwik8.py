@@ -41,7 +41,7 @@ from colt5.lm import CoLT5LanguageModel
 # Per-device defaults for every flag left unset. CPU: ~2-3 minutes on 2 cores (see README).
 DEFAULTS = {
     "cpu": dict(
-        steps=300, seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, dim=128, depth=2,
+        steps=600, seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, dim=128, depth=2,
         eval_every=100, eval_batches=8, generate_every=300, generate_length=200, precision="fp32",
     ),
     "cuda": dict(
@@ -80,7 +80,7 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="enwik8 (raw, .gz or .zip); default: the embedded stdlib-source corpus")
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps (cpu 300, cuda 5000)")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (cpu 600, cuda 5000)")
     p.add_argument("--seq-len", type=_positive_int, help="context length in bytes (cpu 256, cuda 4096)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch per process (cpu 16, cuda 8)")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (1)")
@@ -131,8 +131,20 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
 def model_config(args: argparse.Namespace) -> dict:
     """The language model's constructor kwargs for a run: the one place sizes are derived."""
     config = dict(dim=args.dim, depth=args.depth, max_seq_len=args.seq_len, dense=args.dense)
+    heads = max(2, args.dim // 64)  # heads of 64 dims, as the dense baseline has
     if args.dense:
-        config.update(heads=max(1, args.dim // 64), dim_head=64, ff_mult=4)
+        config.update(heads=heads, dim_head=64, ff_mult=4)
+    else:
+        # CoLT5's split: 1/4 of the heads local (light), the rest routed (heavy); light ff 1/2,
+        # heavy ff 4x; per routing window W: W/16 queries, W/8 key-values, W/16 ff tokens (the
+        # block's defaults). W = the light window, 128 as in the paper (radius 127), smaller for
+        # short contexts so that a sequence spans several routing windows.
+        light_heads = max(1, heads // 4)
+        window = min(128, max(16, args.seq_len // 4))
+        config.update(
+            light_heads=light_heads, light_dim_head=64, heavy_heads=heads - light_heads, heavy_dim_head=64,
+            light_window_size=window, heavy_window_size=window, light_ff_mult=0.5, heavy_ff_mult=4,
+        )
     return config
 
 

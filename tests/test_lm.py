@@ -14,7 +14,7 @@ HAS_ROUTED = importlib.util.find_spec("colt5.autoregressive") is not None
 # Small routed configuration for tests; every size is far below the sequence lengths used.
 ROUTED_TEST_KWARGS = dict(
     num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=8, num_heavy_ff_tokens=4, light_dim_head=8, light_heads=2,
-    light_window_size=4, heavy_dim_head=8, heavy_heads=2, light_ff_mult=0.5, heavy_ff_mult=2,
+    light_window_size=4, heavy_window_size=8, heavy_dim_head=8, heavy_heads=2, light_ff_mult=0.5, heavy_ff_mult=2,
 )
 
 

@@ -3,6 +3,7 @@
 import gzip
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -179,9 +180,11 @@ def test_script_end_to_end(tmp_path, text_file, capsys):
         script.main(["--data", str(text_file), "--steps", "2", "--out", str(out), *TINY])
 
 
-def test_resume_gives_the_same_losses(tmp_path, text_file):
+@pytest.mark.parametrize("backbone", ["dense", "routed"])
+def test_resume_gives_the_same_losses(tmp_path, text_file, backbone):
     script = load_script()
-    common = ["--data", str(text_file), "--steps", "16", "--eval-every", "5", "--generate-every", "0", *TINY]
+    tiny = TINY if backbone == "dense" else TINY[1:]
+    common = ["--data", str(text_file), "--steps", "16", "--eval-every", "5", "--generate-every", "0", *tiny]
     script.main([*common, "--out", str(tmp_path / "straight")])
     script.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", "7"])
     _, val_stopped = read_metrics(tmp_path / "stopped")
@@ -197,6 +200,15 @@ def test_resume_gives_the_same_losses(tmp_path, text_file):
     # Changing what defines the run on resume is refused.
     with pytest.raises(SystemExit):
         script.main(["--out", str(tmp_path / "stopped"), "--resume", "--dim", "64"])
+
+
+def test_script_routed_default_model(tmp_path, text_file, capsys):
+    """The default (CoLT5) model trains, evaluates and samples through the script."""
+    summary = load_script().main(["--data", str(text_file), "--steps", "4", "--eval-every", "2", "--generate-every", "4",
+                                  *TINY[1:]])
+    printed = capsys.readouterr().out
+    assert "model: colt5" in printed and "--- sample at step 4 ---" in printed
+    assert summary["model"] == "colt5" and math.isfinite(summary["final_val_bpc"])
 
 
 def test_script_errors(tmp_path, text_file):
