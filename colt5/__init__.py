@@ -33,3 +33,9 @@ from colt5.local_attention import LocalMHA, local_attention  # noqa: E402
 from colt5.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
 __all__ += ["LocalMHA", "local_attention", "RotaryEmbedding", "apply_rotary"]
+
+# Byte-level language model, dense baseline, corpora (issue 5).
+from colt5.dense import DenseTransformer, DenseTransformerBlock  # noqa: E402
+from colt5.lm import CoLT5LanguageModel  # noqa: E402
+
+__all__ += ["CoLT5LanguageModel", "DenseTransformer", "DenseTransformerBlock"]
