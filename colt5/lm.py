@@ -52,7 +52,15 @@ class CoLT5LanguageModel(nn.Module):
         dim: model width d.  depth: number of blocks.
         max_seq_len: longest input `forward` accepts (size of the position table).
         dense: False -> routed CoLT5 backbone, True -> dense transformer of the same width/depth.
-        **backbone_kwargs: passed to the backbone (see `build_backbone`).
+        **backbone_kwargs: passed to the backbone (see `build_backbone`). Routed: the block kwargs
+            of ConditionalRoutedAutoregressiveTransformer (light_heads, light_window_size,
+            heavy_window_size, num_heavy_attn_tokens_q / _kv, num_heavy_ff_tokens, ...; token
+            counts are per routing window). Dense: heads, dim_head, ff_mult.
+
+    Example:
+        model = CoLT5LanguageModel(dim=256, depth=4, max_seq_len=1024, light_window_size=64)
+        loss = model.loss(batch)                    # batch [b, 1025] long bytes
+        text = model.generate(prompt, length=100, top_k=32)
 
     forward(tokens [b, n] long) -> logits [b, n, V] (float; bf16 under autocast).
     loss(tokens [b, n + 1] long) -> mean next-token cross entropy in nats (float32 scalar).
