@@ -26,9 +26,11 @@ Why this one: it keeps CoLT5's router (score x.u, soft top-k by coordinate desce
 gradient; every shape is static (w * C slots per route, whatever the scores), there is no host
 sync and no data-dependent indexing, and the work is one coordinate descent over [b, r, w-1, W]
 plus a cumsum and a top-k of C over each window. The threshold of the previous window is the
-natural estimate of this window's C-th best score when the score distribution drifts slowly;
-asking for k' = 9/8 C candidates keeps the slots full when it drifts, at the price that late
-tokens of an over-subscribed window lose their slot. Mixture-of-Depths (Raposo et al. 2024)
+natural estimate of this window's C-th best score when the score distribution drifts slowly.
+Even for i.i.d. scores the number of candidates in a window varies, so asking for exactly C
+leaves slots empty; the router asks for k' = 1.5 C candidates by default (fetch_k_ratio), which
+keeps most slots full at the price that late candidates of an over-subscribed window lose their
+slot to earlier, possibly lower-scored, ones. Mixture-of-Depths (Raposo et al. 2024)
 instead trains an auxiliary predictor of top-k membership for sampling, which is causal only
 at inference; this scheme is causal in training and inference alike.
 """
@@ -97,14 +99,19 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
     Args:
         dim: model width d.
         window_size: routing window W (>= 1); num_tokens (the capacity C per window) must be <= W.
+        fetch_k_ratio: candidates asked of each window's threshold, as a multiple of C (default 1.5;
+            see the measurements in __init__).
         Everything else as CoordinateDescentRouter (route_block_size is not supported: windows
-        play its part).
+        play its part; use_triton has no effect, the window duals are plain PyTorch).
     """
 
-    def __init__(self, dim: int, *, window_size: int, **kwargs) -> None:
+    def __init__(self, dim: int, *, window_size: int, fetch_k_ratio: float = 1.5, **kwargs) -> None:
         if kwargs.get("route_block_size") is not None:
             raise ValueError("route_block_size is not supported by the causal router: window_size plays its part")
-        super().__init__(dim, **kwargs)
+        # fetch_k_ratio trades slot use against pick quality. Measured on i.i.d. scores, W=128,
+        # C=8: slots used 78% / 91% / 99% at ratio 9/8 / 1.5 / 2; mean within-window percentile
+        # of the picks 0.963 / 0.955 / 0.942 (an oracle top-C: 0.972).
+        super().__init__(dim, fetch_k_ratio=fetch_k_ratio, **kwargs)
         check_num_tokens(window_size, "window_size")
         self.window_size = window_size
 
