@@ -214,3 +214,15 @@ def test_bad_input():
         ConditionalRoutedCrossAttention(D, num_tokens_q=1, num_tokens_kv=1, heads=4, kv_routing_tokens=3)
     with pytest.raises(ValueError, match="route_block_size"):
         ConditionalRoutedCrossAttention(D, num_tokens_q=1, num_tokens_kv=1, router_kwargs=dict(route_block_size=4))
+
+
+def test_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break (host syncs, data-dependent Python branches)."""
+    mod = make(r=2, block=8).float()
+    x, context = (t.float() for t in inputs(m=40))
+    cmask = torch.ones(2, 40, dtype=torch.bool)
+    cmask[1, 20:] = False
+    compiled = torch.compile(mod, backend="eager", fullgraph=True)
+    out = compiled(x, context, context_mask=cmask)
+    assert_close(out, mod(x, context, context_mask=cmask), 1e-6, "compiled")
+    out.sum().backward()
