@@ -23,7 +23,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
     heavy_*, num_routed_kv, multiply_*_by_score, use_null_q_tokens, use_flash_attn, rotary_emb)
     and `ConditionalRoutedFeedForward` (light_ff_mult, heavy_ff_mult); router_straight_through,
     router_kwargs and use_triton go to both. Non-causal: the causal variant lives in
-    `colt5.autoregressive`.
+    `colt5.autoregressive`. The residual stream keeps x's dtype (fp32 under autocast).
     """
 
     def __init__(
@@ -53,6 +53,9 @@ class ConditionalRoutedTransformerBlock(nn.Module):
     ):
         super().__init__()
         check_num_tokens(dim, "dim")
+        check_num_tokens(num_heavy_attn_tokens_q, "num_heavy_attn_tokens_q")
+        check_num_tokens(num_heavy_attn_tokens_kv, "num_heavy_attn_tokens_kv")
+        check_num_tokens(num_heavy_ff_tokens, "num_heavy_ff_tokens")
         self.dim = dim
         self.attn = ConditionalRoutedAttention(
             dim,
@@ -93,6 +96,13 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         num_heavy_ff_tokens: int | None = None,
     ) -> Tensor:
         check_tokens(x, self.dim, mask)
+        for name, value in (
+            ("num_heavy_attn_tokens_q", num_heavy_attn_tokens_q),
+            ("num_heavy_attn_tokens_kv", num_heavy_attn_tokens_kv),
+            ("num_heavy_ff_tokens", num_heavy_ff_tokens),
+        ):
+            if value is not None:
+                check_num_tokens(value, name)
         x = x + self.attn(x, mask=mask, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv)
         return x + self.ff(x, mask=mask, num_heavy_tokens=num_heavy_ff_tokens)
 
