@@ -29,13 +29,31 @@ from colt5.image_attention import ConditionalRoutedImageAttention  # noqa: E402
 __all__ += ["ConditionalRoutedCrossAttention", "ConditionalRoutedImageAttention"]
 
 # Light attention branch: local windowed attention, rotary embeddings at explicit positions.
-from colt5.local_attention import LocalMHA, local_attention  # noqa: E402
+# The op stays at colt5.local_attention.local_attention: exporting it here would shadow the module.
+from colt5.local_attention import LocalMHA  # noqa: E402
 from colt5.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 
-__all__ += ["LocalMHA", "local_attention", "RotaryEmbedding", "apply_rotary"]
+__all__ += ["LocalMHA", "RotaryEmbedding", "apply_rotary"]
 
 # Byte-level language model, dense baseline, corpora (issue 5).
 from colt5.dense import DenseTransformer, DenseTransformerBlock  # noqa: E402
 from colt5.lm import CoLT5LanguageModel  # noqa: E402
 
 __all__ += ["CoLT5LanguageModel", "DenseTransformer", "DenseTransformerBlock"]
+
+# Strictly causal routed layers for language models (issue 4).
+from colt5.autoregressive import (  # noqa: E402
+    ConditionalRoutedAutoregressiveAttention,
+    ConditionalRoutedAutoregressiveFeedForward,
+    ConditionalRoutedAutoregressiveTransformer,
+    ConditionalRoutedAutoregressiveTransformerBlock,
+)
+from colt5.causal_routing import CausalCoordinateDescentRouter  # noqa: E402
+
+__all__ += [
+    "CausalCoordinateDescentRouter",
+    "ConditionalRoutedAutoregressiveAttention",
+    "ConditionalRoutedAutoregressiveFeedForward",
+    "ConditionalRoutedAutoregressiveTransformer",
+    "ConditionalRoutedAutoregressiveTransformerBlock",
+]
