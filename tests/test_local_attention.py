@@ -364,3 +364,23 @@ def test_default_backend_is_reference_on_cpu():
         pytest.skip("checks the CPU default")
     q, k, v, _ = _inputs(1, 1, 20, 4, torch.float64, False)
     assert torch.equal(local_attention(q, k, v, window_size=4), local_attention(q, k, v, window_size=4, backend="reference"))
+
+
+def test_flex_path_traces_without_graph_breaks():
+    """Layers get compiled with fullgraph=True; on CUDA LocalMHA takes the flex path, whose block
+    mask cache (miss and hit) must trace without a graph break. aot_eager: CPU inductor has no
+    flex lowering for every case, and dynamo tracing is what is checked here."""
+    import colt5.local_attention as la_module
+
+    torch.manual_seed(0)
+    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, causal=True, rotary_emb=True, backend="flex")
+    compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
+    la_module._block_mask_cache.clear()
+    with torch.no_grad():
+        for n in (19, 19):  # a cache miss, then a hit
+            x = torch.randn(2, n, 32)
+            mask = torch.rand(2, n) > 0.2
+            mha.backend = "reference"
+            expected = mha(x, mask=mask)
+            mha.backend = "flex"
+            assert_close(compiled(x, mask=mask), expected, 1e-5, f"compiled flex n={n}")
