@@ -140,7 +140,7 @@ def model_config(args: argparse.Namespace) -> dict:
         # block's defaults). W = the light window, 128 as in the paper (radius 127), smaller for
         # short contexts so that a sequence spans several routing windows.
         light_heads = max(1, heads // 4)
-        window = min(128, max(16, args.seq_len // 4))
+        window = min(128, max(1, args.seq_len // 4))
         config.update(
             light_heads=light_heads, light_dim_head=64, heavy_heads=heads - light_heads, heavy_dim_head=64,
             light_window_size=window, heavy_window_size=window, light_ff_mult=0.5, heavy_ff_mult=4,
@@ -269,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.resume and args.out is None:
         parser.error("--resume needs --out DIR (the run directory holding checkpoint.pt)")
+    if args.data is not None:
+        args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
     rank, world, device = setup_distributed(args.device)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
@@ -322,7 +324,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     net = ddp = model
     if world > 1:
-        net = ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # A context within one routing window gives the routers no gradient (the first window is
+        # routed by position); only then must DDP look for unused parameters.
+        one_window = not args.dense and args.seq_len <= model_config(args)["heavy_window_size"]
+        net = ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=one_window
+        )
     if args.compile:
         net = torch.compile(net)
 
