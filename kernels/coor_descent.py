@@ -26,6 +26,7 @@ partial sums (count/max, then unclamped mass U and clamped count C) through a sm
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -42,11 +43,15 @@ from .reference import coor_descent_reference
 # Triton decides at decoration time whether @triton.jit functions are interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 # Rows in stats[row, :, t]
-_STAT_A, _STAT_M, _STAT_E, _STAT_LOG2S, _STAT_Q = range(5)
+_STAT_A = tl.constexpr(0)
+_STAT_M = tl.constexpr(1)
+_STAT_E = tl.constexpr(2)
+_STAT_LOG2S = tl.constexpr(3)
+_STAT_Q = tl.constexpr(4)
 _N_STATS = 5
-_SPIN_LIMIT = 20_000_000  # a cooperative barrier gives up (wrong result, no hang) past this
+_SPIN_LIMIT = tl.constexpr(20_000_000)  # a cooperative barrier gives up (wrong result, no hang) past this
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,10 +331,12 @@ def _coor_descent_bwd_kernel(
 MAX_REG_BLOCK = 32768
 # A row is split over programs when rows alone leave most SMs idle and a row is this long.
 MIN_SPLIT_N = 16384
-MIN_SPLIT_LEN = 2048
+MIN_SPLIT_LEN = 4096
 
-# Tests set these to force small chunks / splits / the multi-launch path on tiny rows.
+# Tests set these to force small chunks / splits / the multi-launch path on tiny rows, and to
+# fill outputs with NaN before the kernels write them (an unwritten element then fails).
 _FORCE: dict = {}
+_POISON = False
 
 
 @dataclass(frozen=True)
@@ -341,41 +348,45 @@ class _Plan:
     num_warps: int
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
 
 
-def _warps(block_n: int) -> int:
-    if block_n >= 16384:
-        return 16
-    if block_n >= 4096:
-        return 8
-    return 4
-
-
 def _plan(rows: int, n: int, device: torch.device) -> _Plan:
+    if _FORCE:
+        return _make_plan(rows, n, device, **_FORCE)
+    return _cached_plan(rows, n, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(rows: int, n: int, device: torch.device) -> _Plan:
+    return _make_plan(rows, n, device)
+
+
+def _make_plan(
+    rows: int, n: int, device: torch.device, *, block_n: int | None = None, split_len: int | None = None,
+    cooperative: bool = True, num_warps: int | None = None,
+) -> _Plan:
     sms = _num_sms(device)
-    split_len = _FORCE.get("split_len")
     if split_len is None:
         if n >= MIN_SPLIT_N and rows * 2 <= sms:
             n_splits = max(1, min(sms // rows, triton.cdiv(n, MIN_SPLIT_LEN)))
             split_len = triton.cdiv(n, n_splits)
         else:
             split_len = n
-    block_n = _FORCE.get("block_n") or min(triton.next_power_of_2(split_len), MAX_REG_BLOCK)
-    block_n = min(block_n, triton.next_power_of_2(split_len))
+    block_n = min(block_n or MAX_REG_BLOCK, triton.next_power_of_2(split_len))
     split_len = triton.cdiv(split_len, block_n) * block_n
     n_splits = triton.cdiv(n, split_len)
-    cooperative = (
-        n_splits > 1
-        and device.type == "cuda"
-        and not INTERPRET
-        and rows * n_splits <= sms
-        and _FORCE.get("cooperative", True)
-    )
-    return _Plan(block_n, split_len, n_splits, cooperative, _FORCE.get("num_warps") or _warps(block_n))
+    cooperative = cooperative and n_splits > 1 and device.type == "cuda" and not INTERPRET and rows * n_splits <= sms
+    if num_warps is None:
+        # H100, do_bench (benchmarks/NOTES-coor_descent.md): 4 warps best up to 4096 elements;
+        # 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7 vs 7.2 ms)
+        # except in the cooperative split kernel (4 x 1M fwd 105 vs 126 us).
+        num_warps = 4 if block_n <= 4096 else (16 if cooperative and block_n >= 16384 else 8)
+    return _Plan(block_n, split_len, n_splits, cooperative, num_warps)
 
 
 def coor_descent_fwd(
@@ -387,6 +398,9 @@ def coor_descent_fwd(
     rows, n = s.shape
     y = torch.empty_like(s)
     stats = torch.empty((rows, _N_STATS, n_iters + 1), device=s.device, dtype=torch.float32)
+    if _POISON:
+        y.fill_(float("nan"))
+        stats.fill_(float("nan"))
     if rows == 0 or n == 0:
         return y, stats
     plan = _plan(rows, n, s.device)
@@ -421,6 +435,9 @@ def coor_descent_bwd(
     rows, n = s.shape
     ds = torch.empty_like(s)
     dk = torch.empty(rows if k_rows is not None else 0, device=s.device, dtype=torch.float32)
+    if _POISON:
+        ds.fill_(float("nan"))
+        dk.fill_(float("nan"))
     if rows == 0 or n == 0:
         return ds, dk.zero_()
     plan = _plan(rows, n, s.device)
@@ -488,6 +505,27 @@ def _backward(ctx, gy, _gstats):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class CoorDescentFunction(torch.autograd.Function):
+    """The eager path: same launchers as the library op, without the dispatcher's host cost."""
+
+    @staticmethod
+    def forward(ctx, s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+        y, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay)
+        ctx.save_for_backward(s, mask, k_rows, stats)
+        ctx.n_iters = n_iters
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        s, mask, k_rows, stats = ctx.saved_tensors
+        ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, ctx.n_iters)
+        return ds, None, (dk if k_rows is not None else None), None, None, None, None, None
+
+
+# Tests set this to run the library op (what torch.compile sees) in eager mode too.
+_EAGER_VIA_OP = False
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
@@ -537,7 +575,11 @@ def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tenso
         k_rows, k_val = k.reshape(-1).to(device=s.device, dtype=torch.float32), 1.0
     else:
         k_rows, k_val = None, float(k)
-    y, _ = _fwd_op(s2, mask2, k_rows, k_val, int(n_iters), float(eps), float(eps_first), float(eps_decay))
+    args = (s2, mask2, k_rows, k_val, int(n_iters), float(eps), float(eps_first), float(eps_decay))
+    if _EAGER_VIA_OP or torch.compiler.is_compiling():
+        y, _ = _fwd_op(*args)
+    else:
+        y = CoorDescentFunction.apply(*args)
     return y.view(s.shape)
 
 

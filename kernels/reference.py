@@ -50,7 +50,7 @@ def coor_descent_reference(
     # its output nor its gradient can be NaN.
     empty_row = ~valid.any(dim=-1, keepdim=True)
     take_part = valid | empty_row
-    x = torch.where(take_part, s.to(dtype), 0.0)
+    x = torch.where(valid, s.to(dtype), 0.0)  # dummy 0 in empty rows, never NaN
 
     if isinstance(k, Tensor):
         log_k = k.to(dtype).log().unsqueeze(-1)

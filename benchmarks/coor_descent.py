@@ -1,0 +1,149 @@
+"""Coordinate-descent soft top-k: PyTorch reference vs the Triton op, against the chip's floor.
+
+    python benchmarks/coor_descent.py            # the table (needs CUDA)
+    python benchmarks/coor_descent.py --check    # CUDA parity vs the float64 reference first
+
+Floor of a forward = max(exps / (16 exp/clk/SM * SMs * clock), bytes(read s + write y) / copy
+bandwidth measured here) + 10 us of launch; exps = rows * n * n_iters (one per element per
+iteration, the output's included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from colt5.kernels import coor_descent_reference, triton_coor_descent
+
+SHAPES = [(16, 4096), (8, 32768), (2, 131072), (1024, 1024), (256, 8192), (1024, 32768), (4, 1048576)]
+CONFIG = dict(n_iters=20, eps=0.03, eps_init=4.0, eps_decay=0.7)
+EXPS_PER_CLK_PER_SM = 16
+
+
+def sm_clock_hz() -> float:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.split()
+        return float(out[0]) * 1e6
+    except Exception:  # no nvidia-smi: H100 SXM boost clock
+        return 1.98e9
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(256 * 2**20, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def check() -> None:
+    """CUDA parity against the float64 reference on the code paths the plans pick."""
+    cd = importlib.import_module("colt5.kernels.coor_descent")
+    torch.manual_seed(0)
+    cases = [(4, 1000, {}), (3, 50000, {}), (2, 131072, {}), (2, 131072, {"cooperative": False}),
+             (64, 40000, {}), (5, 777, {"block_n": 128})]
+    print("check: rows x n, forced plan, masked, per-row k -> rel err y, rel err ds, rel err dk")
+    for rows, n, force in cases:
+        cd._FORCE.clear()
+        cd._FORCE.update(force)
+        s = torch.randn(rows, n, device="cuda", requires_grad=True)
+        mask = torch.rand(rows, n, device="cuda") > 0.2
+        k = (torch.rand(rows, device="cuda") * n / 4 + 1).requires_grad_()
+        y = triton_coor_descent(s, k=k, mask=mask, **CONFIG)
+        g = torch.randn_like(y)
+        ds, dk = torch.autograd.grad(y, (s, k), g)
+        s64, k64 = s.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+        y64 = coor_descent_reference(s64, k=k64, mask=mask, **CONFIG)
+        ds64, dk64 = torch.autograd.grad(y64, (s64, k64), g.double())
+        errs = [((a.double() - b).norm() / b.norm()).item() for a, b in ((y, y64), (ds, ds64), (dk, dk64))]
+        print(f"  {rows}x{n} {force or 'default'}: " + " ".join(f"{e:.2e}" for e in errs))
+    cd._FORCE.clear()
+
+
+def tune() -> None:
+    """Forward / forward+backward times of forced launch plans, to pick the heuristics."""
+    cd = importlib.import_module("colt5.kernels.coor_descent")
+    variants = [{}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16},
+                {"split_len": 2048}, {"split_len": 8192}, {"split_len": 32768}, {"cooperative": False}]
+    for rows, n in SHAPES:
+        s = torch.randn(rows, n, device="cuda")
+        sg, g = s.clone().requires_grad_(), torch.randn_like(s)
+        line = []
+        for force in variants:
+            if force.get("split_len", 0) > n:
+                continue
+            cd._FORCE.clear()
+            cd._FORCE.update(force)
+            f = do_bench(lambda: triton_coor_descent(s, k=n / 8, **CONFIG), return_mode="median") * 1e3
+            fb = do_bench(lambda: torch.autograd.grad(triton_coor_descent(sg, k=n / 8, **CONFIG), sg, g),
+                          return_mode="median") * 1e3
+            line.append(f"{','.join(f'{k[:5]}={v}' for k, v in force.items()) or 'default'}:{f:.0f}/{fb:.0f}")
+        print(f"tune {rows}x{n}: " + "  ".join(line))
+    cd._FORCE.clear()
+
+
+def bench() -> None:
+    props = torch.cuda.get_device_properties(0)
+    sms, clock, bw = props.multi_processor_count, sm_clock_hz(), copy_bandwidth()
+    print(f"GPU {props.name} ({sms} SMs, {clock / 1e9:.2f} GHz, copy {bw / 1e12:.2f} TB/s), "
+          f"torch {torch.__version__}, triton {triton.__version__}")
+    print(f"n_iters={CONFIG['n_iters']} eps={CONFIG['eps']} eps_init={CONFIG['eps_init']} "
+          f"eps_decay={CONFIG['eps_decay']} k=n/8, fp32; times are do_bench medians in us")
+    head = (f"{'rows x n':>13} | {'ref fwd':>8} {'ref f+b':>8} | {'tri fwd':>7} {'tri f+b':>7} | "
+            f"{'floor':>6} {'fwd/floor':>9} | {'x fwd':>6} {'x f+b':>6} | {'peak MB':>8} {'y+ds MB':>7}")
+    print(head)
+    for rows, n in SHAPES:
+        torch.manual_seed(0)
+        s = torch.randn(rows, n, device="cuda")
+        g = torch.randn_like(s)
+        sg = s.clone().requires_grad_()
+        k = n / 8
+
+        def fwd(fn):
+            return lambda: fn(s, k=k, **CONFIG)
+
+        def fwd_bwd(fn):
+            return lambda: torch.autograd.grad(fn(sg, k=k, **CONFIG), sg, g)
+
+        t = {}
+        for name, fn in (("ref", coor_descent_reference), ("tri", triton_coor_descent)):
+            t[name, "f"] = do_bench(fwd(fn), return_mode="median") * 1e3
+            t[name, "fb"] = do_bench(fwd_bwd(fn), return_mode="median") * 1e3
+        peak = peak_mb(fwd_bwd(triton_coor_descent))
+        io_mb = 2 * s.numel() * 4 / 2**20  # y and ds: the outputs beyond the held s and g
+        exps = rows * n * CONFIG["n_iters"]
+        floor = max(exps / (EXPS_PER_CLK_PER_SM * sms * clock), 2 * s.numel() * 4 / bw) * 1e6 + 10
+        print(f"{rows:>5} x {n:<7} | {t['ref', 'f']:8.0f} {t['ref', 'fb']:8.0f} | {t['tri', 'f']:7.1f} "
+              f"{t['tri', 'fb']:7.1f} | {floor:6.1f} {t['tri', 'f'] / floor:9.2f} | "
+              f"{t['ref', 'f'] / t['tri', 'f']:6.1f} {t['ref', 'fb'] / t['tri', 'fb']:6.1f} | "
+              f"{peak:8.1f} {io_mb:7.1f}")
+        del s, g, sg
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="CUDA parity vs float64 first")
+    parser.add_argument("--tune", action="store_true", help="time forced launch plans first")
+    args = parser.parse_args()
+    if args.check:
+        check()
+    bench()
+    if args.tune:
+        tune()
