@@ -224,10 +224,13 @@ def test_script_errors(tmp_path, text_file):
 
 
 def test_ddp_two_processes_gloo_match_single_process(tmp_path, text_file):
-    """2 ranks x batch 2 (gloo, CPU) give the losses of 1 process x batch 4: same global windows."""
+    """2 ranks x batch 2 (gloo, CPU) give the losses of 1 process x batch 4: same global windows.
+
+    Uses the default (routed CoLT5) model: its parameters must all get gradients under DDP.
+    """
     if shutil.which("torchrun") is None and importlib.util.find_spec("torch.distributed.run") is None:
         pytest.skip("torchrun not available")
-    common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", "--generate-every", "3", "--dense",
+    common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", "--generate-every", "3",
               "--seq-len", "32", "--dim", "32", "--depth", "2", "--eval-batches", "2", "--generate-length", "8",
               "--no-progress", "--log-every", "1", "--device", "cpu", "--lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
