@@ -11,6 +11,15 @@ from colt5.lm import CoLT5LanguageModel
 
 HAS_ROUTED = importlib.util.find_spec("colt5.autoregressive") is not None
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy machine's OpenMP stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # Small routed configuration for tests; every size is far below the sequence lengths used.
 ROUTED_TEST_KWARGS = dict(
     num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=8, num_heavy_ff_tokens=4, light_dim_head=8, light_heads=2,

@@ -30,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_enwik8.py"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy machine's OpenMP stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("train_enwik8", SCRIPT)
     module = importlib.util.module_from_spec(spec)
