@@ -280,7 +280,7 @@ class CoordinateDescentRouter(Router):
         check_num_tokens(dim, "dim")
         self.dim = dim
         self.learned_routing_tokens = learned_routing_tokens
-        self.routing_token = None if learned_routing_tokens else nn.Parameter(torch.randn(num_routing_tokens, dim))
+        self.routing_token = None if learned_routing_tokens else nn.Parameter(torch.randn(num_routing_tokens, dim) * dim**-0.5)
         self.cosine_sim_routing = cosine_sim_routing
         self.cosine_sim_scale = cosine_sim_scale
 
