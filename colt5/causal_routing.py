@@ -38,12 +38,13 @@ at inference; this scheme is causal in training and inference alike.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from colt5.kernels.checks import eps_schedule
+from colt5.kernels.coor_descent import coor_descent_offset
 from colt5.routers import CoordinateDescentRouter, RouterReturn, check_num_tokens, check_tokens, gather_tokens
 
 __all__ = ["CausalCoordinateDescentRouter", "soft_top_k_offset"]
@@ -58,28 +59,21 @@ def soft_top_k_offset(
     eps_init: float | None = None,
     eps_decay: float = 1.0,
     mask: Tensor | None = None,
+    backend: Literal["triton", "reference"] | None = None,
 ) -> tuple[Tensor, float]:
     """The dual offset of coordinate-descent soft top-k: returns (a [..., 1], e) such that
     `colt5.coor_descent(s, ...)` equals exp(min(s + a, 0) / e) at the unmasked positions.
 
-    The same iteration as `colt5.kernels.coor_descent_reference` (the design note's scalar
-    recurrence), stopped before the output; autograd differentiates it. Computed in float32
-    (float64 for float64 scores). A row with nothing unmasked gives a finite dummy offset.
+    `colt5.kernels.coor_descent_offset` (fused Triton kernels on CUDA, the reference elsewhere;
+    `backend` as there), differentiable. Computed in float32 (float64 for float64 scores on the
+    reference). A row with nothing unmasked gets the offset of its whole row, masked positions
+    included, so that its next window still gets a data-dependent threshold.
     """
-    dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-    valid = torch.ones_like(s, dtype=torch.bool) if mask is None else mask
-    empty_row = ~valid.any(dim=-1, keepdim=True)
-    take_part = valid | empty_row
-    x = torch.where(take_part, s.to(dtype), 0.0)
-    schedule = eps_schedule(n_iters, eps, eps_init, eps_decay)
-    log_k = math.log(k)
-    n_valid = take_part.sum(dim=-1, keepdim=True).to(dtype)
-    a = schedule[0] * (log_k - n_valid.log())
-    for e in schedule[1:-1]:
-        z = torch.where(x + a > 0, -a, x) / e
-        z = z.masked_fill(~take_part, float("-inf"))
-        a = e * (log_k - z.logsumexp(dim=-1, keepdim=True))
-    return a, schedule[-1]
+    if mask is not None:
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return coor_descent_offset(
+        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask, backend=backend
+    )
 
 
 class CausalCoordinateDescentRouter(CoordinateDescentRouter):
@@ -102,7 +96,7 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
         fetch_k_ratio: candidates asked of each window's threshold, as a multiple of C (default 1.5;
             see the measurements in __init__).
         Everything else as CoordinateDescentRouter (route_block_size is not supported: windows
-        play its part; use_triton has no effect, the window duals are plain PyTorch).
+        play its part; use_triton picks the backend of the window duals' soft top-k).
     """
 
     def __init__(self, dim: int, *, window_size: int, fetch_k_ratio: float = 1.5, **kwargs) -> None:
@@ -183,6 +177,7 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
             eps_init=self.eps_init,
             eps_decay=self.eps_decay,
             mask=real[:, :, :-1],
+            backend=None if self.use_triton is None else ("triton" if self.use_triton else "reference"),
         )
         logits = s[:, :, 1:].to(dtype) + a
         y = torch.exp(logits.clamp_max(0.0) / e)

@@ -1,7 +1,15 @@
 """colt5.kernels: the numerical core (no nn.Module here). Imports nothing from colt5's modules."""
 
-from .coor_descent import coor_descent, triton_coor_descent
-from .reference import coor_descent_reference
+from .coor_descent import coor_descent, coor_descent_offset, triton_coor_descent
+from .reference import coor_descent_offset_reference, coor_descent_reference
 from .topk import TopkReturn, topk
 
-__all__ = ["coor_descent", "coor_descent_reference", "triton_coor_descent", "topk", "TopkReturn"]
+__all__ = [
+    "coor_descent",
+    "coor_descent_offset",
+    "coor_descent_offset_reference",
+    "coor_descent_reference",
+    "triton_coor_descent",
+    "topk",
+    "TopkReturn",
+]

@@ -1,7 +1,8 @@
 """Coordinate-descent soft top-k: Triton kernels, launchers, the torch.library op, public entry points.
 
 Shapes: s, mask, y, ds are [rows, n] inside (the public functions flatten [..., n]); a per-row
-k is [rows]; stats is [rows, 5, T + 1] fp32 with T = n_iters (see `_STAT_*`).
+k, the offset a_T and its gradient ga are [rows]; stats is [rows, 5, T + 1] fp32 with
+T = n_iters (see `_STAT_*`).
 
 The math is in shared/design/coordinate-descent.md. A row's whole state is one scalar `a`:
 
@@ -12,6 +13,8 @@ The math is in shared/design/coordinate-descent.md. A row's whole state is one s
 
 The forward keeps only (a_t, M_t, e_t, log2 S_t, q_t) per iteration; the backward is one
 reduction (abar_T) and one element-wise pass with one exp per element per iteration.
+`coor_descent_offset` returns a_T itself (the forward then skips y); a gradient ga on a_T just
+adds to abar_T, the rest of the backward is unchanged.
 
 Work split. A program owns `split_len` elements of one row (a multiple of BLOCK_N; when equal,
 the chunk stays in registers across all iterations, otherwise it is streamed each iteration).
@@ -37,8 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import check_coor_descent_args
-from .reference import coor_descent_reference
+from .checks import check_coor_descent_args, eps_schedule
+from .reference import coor_descent_offset_reference, coor_descent_reference
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
@@ -50,6 +53,9 @@ _STAT_M = tl.constexpr(1)
 _STAT_E = tl.constexpr(2)
 _STAT_LOG2S = tl.constexpr(3)
 _STAT_Q = tl.constexpr(4)
+# M_T is never used: stats[row, _STAT_M, T] holds the row's count of valid positions instead,
+# which the backward needs to give a fully masked row's offset (defined as 0) no gradient.
+_STAT_NVALID = _STAT_M
 _N_STATS = 5
 _SPIN_LIMIT = tl.constexpr(20_000_000)  # a cooperative barrier gives up (wrong result, no hang) past this
 
@@ -92,7 +98,7 @@ def _coor_descent_fwd_kernel(
     log_k, eps, eps_first, eps_decay,
     HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS_P2: tl.constexpr,
-    SPLIT: tl.constexpr, COOPERATIVE: tl.constexpr,
+    SPLIT: tl.constexpr, COOPERATIVE: tl.constexpr, WRITE_Y: tl.constexpr,
 ):
     # Step t < T computes this program's partial sums of iteration t; step t >= 1 first
     # finishes iteration t - 1 (combines the partials into a_t); step T writes y.
@@ -170,12 +176,17 @@ def _coor_descent_fwd_kernel(
                 log2_s = tl.log2(mass)
                 q_t = tot1 * p_clamped / mass
                 a_new = e_prev * (log_k - log2_s / LOG2E) - m_t
+            if step == n_iters:
+                # a_T of a row with nothing valid is defined as 0 (its y is 0 whatever a_T is)
+                a_new = tl.where(n_valid > 0, a_new, 0.0)
             if split == 0:
                 tl.store(st + _STAT_M * n_stat + step - 1, m_t)
                 tl.store(st + _STAT_E * n_stat + step - 1, e_prev)
                 tl.store(st + _STAT_LOG2S * n_stat + step - 1, log2_s)
                 tl.store(st + _STAT_Q * n_stat + step - 1, q_t)
                 tl.store(st + _STAT_A * n_stat + step, a_new)
+                if step == n_iters:
+                    tl.store(st + _STAT_NVALID * n_stat + step, n_valid)
             a = a_new
 
         if step < n_iters:
@@ -220,14 +231,15 @@ def _coor_descent_fwd_kernel(
             c = LOG2E / e_cur
             if split == 0:
                 tl.store(st + _STAT_E * n_stat + step, e_cur)
-            if IN_REGS:
-                y = tl.exp2(tl.minimum(s_reg + a, 0.0) * c)
-                tl.store(y_row + lo + offs, y.to(y_ptr.dtype.element_ty), mask=lo + offs < hi)
-            else:
-                for off in range(lo, hi, BLOCK_N):
-                    sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
-                    y = tl.exp2(tl.minimum(sc + a, 0.0) * c)
-                    tl.store(y_row + off + offs, y.to(y_ptr.dtype.element_ty), mask=off + offs < hi)
+            if WRITE_Y:
+                if IN_REGS:
+                    y = tl.exp2(tl.minimum(s_reg + a, 0.0) * c)
+                    tl.store(y_row + lo + offs, y.to(y_ptr.dtype.element_ty), mask=lo + offs < hi)
+                else:
+                    for off in range(lo, hi, BLOCK_N):
+                        sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
+                        y = tl.exp2(tl.minimum(sc + a, 0.0) * c)
+                        tl.store(y_row + off + offs, y.to(y_ptr.dtype.element_ty), mask=off + offs < hi)
         e_prev = e_cur
         e_cur = tl.maximum(e_cur * eps_decay, eps)
 
@@ -257,13 +269,27 @@ def _chain(s, acc, abar_T, st, n_stat, n_iters):
 
 
 @triton.jit
+def _direct_chunk(s_row, mask_row, gy_row, off, offs, hi, a_T, c_T, inv_e_T,
+                  HAS_MASK: tl.constexpr, HAS_GY: tl.constexpr):
+    """Scores of a chunk and their direct term (0 where there is no gradient of y)."""
+    s = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
+    if HAS_GY:
+        gy = tl.load(gy_row + off + offs, mask=off + offs < hi, other=0.0).to(tl.float32)
+        direct = _direct(s, gy, a_T, c_T, inv_e_T)
+    else:
+        direct = offs.to(tl.float32) * 0.0
+    return s, direct
+
+
+@triton.jit
 def _coor_descent_bwd_kernel(
-    gy_ptr, s_ptr, mask_ptr, k_ptr, stats_ptr, part_ptr, ds_ptr, dk_ptr,
+    gy_ptr, s_ptr, mask_ptr, k_ptr, stats_ptr, part_ptr, ga_ptr, ds_ptr, dk_ptr,
     n, n_splits, n_iters,
-    HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr,
+    HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr, HAS_GY: tl.constexpr, HAS_GA: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS_P2: tl.constexpr,
     PHASE: tl.constexpr,  # 0: whole row here; 1: partial abar_T only; 2: combine, then ds
 ):
+    # gy = dL/dy (HAS_GY) and ga = dL/da_T (HAS_GA, per row): abar_T = sum_i direct_i + ga.
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     lo = split * SPLIT_LEN
@@ -282,9 +308,7 @@ def _coor_descent_bwd_kernel(
     IN_REGS: tl.constexpr = SPLIT_LEN == BLOCK_N
 
     if IN_REGS:
-        s = _load_scores(s_row, mask_row, lo + offs, hi, HAS_MASK)
-        gy = tl.load(gy_row + lo + offs, mask=lo + offs < hi, other=0.0).to(tl.float32)
-        direct = _direct(s, gy, a_T, c_T, inv_e_T)
+        s, direct = _direct_chunk(s_row, mask_row, gy_row, lo, offs, hi, a_T, c_T, inv_e_T, HAS_MASK, HAS_GY)
 
     if PHASE == 2:
         sidx = tl.arange(0, SPLITS_P2)
@@ -294,22 +318,26 @@ def _coor_descent_bwd_kernel(
             abar_T = tl.sum(direct, axis=0)
         else:
             abar_T = e_T * 0.0
-            for off in range(lo, hi, BLOCK_N):
-                sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
-                gyc = tl.load(gy_row + off + offs, mask=off + offs < hi, other=0.0).to(tl.float32)
-                abar_T += tl.sum(_direct(sc, gyc, a_T, c_T, inv_e_T), axis=0)
+            if HAS_GY:
+                for off in range(lo, hi, BLOCK_N):
+                    _, dc = _direct_chunk(s_row, mask_row, gy_row, off, offs, hi, a_T, c_T, inv_e_T, HAS_MASK, HAS_GY)
+                    abar_T += tl.sum(dc, axis=0)
 
     if PHASE == 1:
         tl.store(part_ptr + row * n_splits + split, abar_T)
     else:
+        if HAS_GA:
+            # once per row: phase 2 sums the partials of direct alone (a row without gy runs
+            # phase 0 on every split, where each program's abar_T is ga alone)
+            n_valid = tl.load(st + _STAT_NVALID * n_stat + n_iters)
+            abar_T += tl.where(n_valid > 0, tl.load(ga_ptr + row).to(tl.float32), 0.0)
         if IN_REGS:
             ds = _chain(s, direct, abar_T, st, n_stat, n_iters)
             tl.store(ds_row + lo + offs, ds.to(ds_ptr.dtype.element_ty), mask=lo + offs < hi)
         else:
             for off in range(lo, hi, BLOCK_N):
-                sc = _load_scores(s_row, mask_row, off + offs, hi, HAS_MASK)
-                gyc = tl.load(gy_row + off + offs, mask=off + offs < hi, other=0.0).to(tl.float32)
-                ds = _chain(sc, _direct(sc, gyc, a_T, c_T, inv_e_T), abar_T, st, n_stat, n_iters)
+                sc, dc = _direct_chunk(s_row, mask_row, gy_row, off, offs, hi, a_T, c_T, inv_e_T, HAS_MASK, HAS_GY)
+                ds = _chain(sc, dc, abar_T, st, n_stat, n_iters)
                 tl.store(ds_row + off + offs, ds.to(ds_ptr.dtype.element_ty), mask=off + offs < hi)
         if K_PER_ROW:
             if split == 0:
@@ -391,18 +419,21 @@ def _make_plan(
 
 def coor_descent_fwd(
     s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
-    eps: float, eps_first: float, eps_decay: float,
+    eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32)."""
+    """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32).
+
+    write_y=False skips y (returned empty [0]); the offset a_T is stats[:, _STAT_A, n_iters].
+    """
     s = s.contiguous()
     rows, n = s.shape
-    y = torch.empty_like(s)
+    y = torch.empty_like(s) if write_y else s.new_empty(0)
     stats = torch.empty((rows, _N_STATS, n_iters + 1), device=s.device, dtype=torch.float32)
     if _POISON:
         y.fill_(float("nan"))
         stats.fill_(float("nan"))
     if rows == 0 or n == 0:
-        return y, stats
+        return y, stats.zero_()
     plan = _plan(rows, n, s.device)
     split = plan.n_splits > 1
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
@@ -415,23 +446,27 @@ def coor_descent_fwd(
     steps = [(0, n_iters + 1)] if (not split or plan.cooperative) else [(t, t + 1) for t in range(n_iters + 1)]
     for step_begin, step_end in steps:
         _coor_descent_fwd_kernel[(rows, plan.n_splits)](
-            s, mask_arg, k_arg, y, stats, part, sync,
+            s, mask_arg, k_arg, y if write_y else s, stats, part, sync,
             n, plan.n_splits, n_iters, step_begin, step_end,
             math.log(k), float(eps), float(eps_first), float(eps_decay),
             HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
             BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
             SPLITS_P2=triton.next_power_of_2(plan.n_splits),
-            SPLIT=split, COOPERATIVE=plan.cooperative,
+            SPLIT=split, COOPERATIVE=plan.cooperative, WRITE_Y=write_y,
             num_warps=plan.num_warps,
         )
     return y, stats
 
 
 def coor_descent_bwd(
-    gy: Tensor, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor, n_iters: int,
+    gy: Tensor | None, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor, n_iters: int,
+    ga: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """-> (ds [rows, n] in s.dtype, dk [rows] fp32, or an empty tensor when k is a number)."""
-    s, gy = s.contiguous(), gy.contiguous()
+    """Gradients from gy = dL/dy [rows, n] and/or ga = dL/da_T [rows] (None: no such gradient)
+    -> (ds [rows, n] in s.dtype, dk [rows] fp32, or an empty tensor when k is a number)."""
+    s = s.contiguous()
+    gy = gy.contiguous() if gy is not None else None
+    ga = ga.contiguous() if ga is not None else None
     rows, n = s.shape
     ds = torch.empty_like(s)
     dk = torch.empty(rows if k_rows is not None else 0, device=s.device, dtype=torch.float32)
@@ -444,12 +479,15 @@ def coor_descent_bwd(
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
     k_arg = k_rows.contiguous() if k_rows is not None else stats
     part = torch.empty((rows, plan.n_splits), device=s.device, dtype=torch.float32)
-    phases = (0,) if plan.n_splits == 1 else (1, 2)
+    # Without gy, abar_T = ga needs no reduction over the row: every split runs phase 0.
+    phases = (0,) if plan.n_splits == 1 or gy is None else (1, 2)
     for phase in phases:
         _coor_descent_bwd_kernel[(rows, plan.n_splits)](
-            gy, s, mask_arg, k_arg, stats, part, ds, dk if k_rows is not None else stats,
+            gy if gy is not None else s, s, mask_arg, k_arg, stats, part, ga if ga is not None else stats,
+            ds, dk if k_rows is not None else stats,
             n, plan.n_splits, n_iters,
             HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
+            HAS_GY=gy is not None, HAS_GA=ga is not None,
             BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
             SPLITS_P2=triton.next_power_of_2(plan.n_splits), PHASE=phase,
             num_warps=plan.num_warps,
@@ -465,7 +503,19 @@ _FWD_SCHEMA = (
     "(Tensor s, Tensor? mask, Tensor? k_rows, float k, int n_iters, float eps, float eps_first, "
     "float eps_decay) -> (Tensor, Tensor)"
 )
-_BWD_SCHEMA = "(Tensor gy, Tensor s, Tensor? mask, Tensor? k_rows, Tensor stats, int n_iters) -> (Tensor, Tensor)"
+_BWD_SCHEMA = (
+    "(Tensor? gy, Tensor s, Tensor? mask, Tensor? k_rows, Tensor stats, Tensor? ga, int n_iters) "
+    "-> (Tensor, Tensor)"
+)
+
+
+def _offset_of(stats: Tensor, n_iters: int) -> Tensor:
+    """a_T [rows] fp32, a copy (a custom op's outputs may not alias one another)."""
+    return stats[:, _STAT_A.value, n_iters].clone()
+
+
+def _fake_stats(s: Tensor, n_iters: int) -> Tensor:
+    return s.new_empty((s.shape[0], _N_STATS, n_iters + 1), dtype=torch.float32)
 
 
 @torch.library.custom_op("colt5::coor_descent_fwd", mutates_args=(), schema=_FWD_SCHEMA)
@@ -475,17 +525,28 @@ def _fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
 
 @_fwd_op.register_fake
 def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    stats = s.new_empty((s.shape[0], _N_STATS, n_iters + 1), dtype=torch.float32)
-    return torch.empty_like(s, memory_format=torch.contiguous_format), stats
+    return torch.empty_like(s, memory_format=torch.contiguous_format), _fake_stats(s, n_iters)
+
+
+@torch.library.custom_op("colt5::coor_descent_offset_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def _offset_fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+    """-> (a_T [rows] fp32, stats): the forward without y."""
+    _, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
+    return _offset_of(stats, n_iters), stats
+
+
+@_offset_fwd_op.register_fake
+def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+    return s.new_empty((s.shape[0],), dtype=torch.float32), _fake_stats(s, n_iters)
 
 
 @torch.library.custom_op("colt5::coor_descent_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(gy, s, mask, k_rows, stats, n_iters):
-    return coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters)
+def _bwd_op(gy, s, mask, k_rows, stats, ga, n_iters):
+    return coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters, ga)
 
 
 @_bwd_op.register_fake
-def _(gy, s, mask, k_rows, stats, n_iters):
+def _(gy, s, mask, k_rows, stats, ga, n_iters):
     dk = s.new_empty((s.shape[0] if k_rows is not None else 0,), dtype=torch.float32)
     return torch.empty_like(s, memory_format=torch.contiguous_format), dk
 
@@ -496,13 +557,22 @@ def _setup_context(ctx, inputs, output):
     ctx.n_iters = n_iters
 
 
-def _backward(ctx, gy, _gstats):
-    s, mask, k_rows, stats = ctx.saved_tensors
-    ds, dk = _bwd_op(gy, s, mask, k_rows, stats, ctx.n_iters)
+def _grads(k_rows, ds, dk) -> tuple:
     return ds, None, (dk if k_rows is not None else None), None, None, None, None, None
 
 
+def _backward(ctx, gy, _gstats):
+    s, mask, k_rows, stats = ctx.saved_tensors
+    return _grads(k_rows, *_bwd_op(gy, s, mask, k_rows, stats, None, ctx.n_iters))
+
+
+def _offset_backward(ctx, ga, _gstats):
+    s, mask, k_rows, stats = ctx.saved_tensors
+    return _grads(k_rows, *_bwd_op(None, s, mask, k_rows, stats, ga, ctx.n_iters))
+
+
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_offset_fwd_op.register_autograd(_offset_backward, setup_context=_setup_context)
 
 
 class CoorDescentFunction(torch.autograd.Function):
@@ -518,8 +588,23 @@ class CoorDescentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         s, mask, k_rows, stats = ctx.saved_tensors
-        ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, ctx.n_iters)
-        return ds, None, (dk if k_rows is not None else None), None, None, None, None, None
+        return _grads(k_rows, *coor_descent_bwd(gy, s, mask, k_rows, stats, ctx.n_iters))
+
+
+class CoorDescentOffsetFunction(torch.autograd.Function):
+    """Eager path of the offset: -> a_T [rows] fp32; its backward feeds dL/da_T into abar_T."""
+
+    @staticmethod
+    def forward(ctx, s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+        _, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
+        ctx.save_for_backward(s, mask, k_rows, stats)
+        ctx.n_iters = n_iters
+        return _offset_of(stats, n_iters)
+
+    @staticmethod
+    def backward(ctx, ga):
+        s, mask, k_rows, stats = ctx.saved_tensors
+        return _grads(k_rows, *coor_descent_bwd(None, s, mask, k_rows, stats, ctx.n_iters, ga))
 
 
 # Tests set this to run the library op (what torch.compile sees) in eager mode too.
@@ -556,17 +641,17 @@ def triton_coor_descent(
     return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
 
 
-def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tensor:
+def _check_triton_device(s: Tensor, name: str) -> None:
     if s.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
-            "triton_coor_descent needs a CUDA tensor, or TRITON_INTERPRET=1 set in the environment "
+            f"{name} needs a CUDA tensor, or TRITON_INTERPRET=1 set in the environment "
             f"before colt5 is imported to run the Triton kernels on {s.device.type}; got s on "
             f"{s.device}. Use coor_descent(...) for the PyTorch reference."
         )
-    if s.numel() == 0:
-        return coor_descent_reference(
-            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-        )
+
+
+def _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple:
+    """The fwd op's arguments for [..., n] inputs: rows flattened, per-row k in fp32."""
     n = s.shape[-1]
     eps_first = max(eps_init if eps_init is not None else eps, eps)
     s2 = s.reshape(-1, n)
@@ -575,12 +660,50 @@ def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tenso
         k_rows, k_val = k.reshape(-1).to(device=s.device, dtype=torch.float32), 1.0
     else:
         k_rows, k_val = None, float(k)
-    args = (s2, mask2, k_rows, k_val, int(n_iters), float(eps), float(eps_first), float(eps_decay))
-    if _EAGER_VIA_OP or torch.compiler.is_compiling():
+    return (s2, mask2, k_rows, k_val, int(n_iters), float(eps), float(eps_first), float(eps_decay))
+
+
+def _use_op() -> bool:
+    return _EAGER_VIA_OP or torch.compiler.is_compiling()
+
+
+def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tensor:
+    _check_triton_device(s, "triton_coor_descent")
+    if s.numel() == 0:
+        return coor_descent_reference(
+            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+        )
+    args = _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
+    if _use_op():
         y, _ = _fwd_op(*args)
     else:
         y = CoorDescentFunction.apply(*args)
     return y.view(s.shape)
+
+
+def _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple[Tensor, float]:
+    _check_triton_device(s, "coor_descent_offset(backend='triton')")
+    e_T = eps_schedule(n_iters, eps, eps_init, eps_decay)[-1]
+    if s.numel() == 0:
+        a, _ = coor_descent_offset_reference(
+            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+        )
+        return a.float(), e_T
+    args = _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
+    if _use_op():
+        a, _ = _offset_fwd_op(*args)
+    else:
+        a = CoorDescentOffsetFunction.apply(*args)
+    return a.view(*s.shape[:-1], 1), e_T
+
+
+def _check_backend(backend) -> None:
+    if backend not in (None, "triton", "reference"):
+        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+
+
+def _wants_triton(s: Tensor, backend) -> bool:
+    return backend == "triton" or (backend is None and s.device.type == "cuda")
 
 
 def coor_descent(
@@ -621,10 +744,48 @@ def coor_descent(
     check_coor_descent_args(
         s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
     )
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
-    if backend == "triton" or (backend is None and s.device.type == "cuda"):
+    _check_backend(backend)
+    if _wants_triton(s, backend):
         return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
     return coor_descent_reference(
+        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+    )
+
+
+def coor_descent_offset(
+    s: Tensor,
+    *,
+    n_iters: int,
+    k: float | Tensor,
+    eps: float = 0.1,
+    eps_init: float | None = None,
+    eps_decay: float = 1.0,
+    mask: Tensor | None = None,
+    backend: Literal["triton", "reference"] | None = None,
+) -> tuple[Tensor, float]:
+    """The dual offset of `coor_descent`: (a_T, e_T) with, at every valid position,
+
+        coor_descent(s, ...) == exp(min(s + a_T, 0) / e_T)
+
+    so a caller can apply a row's threshold to other scores (the causal router does). Arguments,
+    validation and the non-finite-score rules are those of `coor_descent`; y is not computed.
+
+    Returns:
+        a_T: [..., 1], fp32 (fp64 for fp64 scores on the reference), differentiable with respect
+            to s (and to a per-row k tensor). A row with no valid position gets a_T = 0 and no
+            gradient through it.
+        e_T: the final epsilon, a Python float (`checks.eps_schedule(...)[-1]`).
+
+    Raises:
+        TypeError / ValueError naming the argument for invalid arguments; RuntimeError for
+        backend="triton" on a CPU tensor without TRITON_INTERPRET=1.
+    """
+    check_coor_descent_args(
+        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+    )
+    _check_backend(backend)
+    if _wants_triton(s, backend):
+        return _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask)
+    return coor_descent_offset_reference(
         s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
     )
