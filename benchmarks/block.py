@@ -32,9 +32,14 @@ def routed_block(n: int, causal: bool = False) -> torch.nn.Module:
         heavy_ff_mult=4,
     )
     if causal:
+        # Causal token counts are capacities per routing window: W/16 of each window is n/16 overall.
         from colt5.autoregressive import ConditionalRoutedAutoregressiveTransformerBlock as Block
-    else:
-        from colt5.block import ConditionalRoutedTransformerBlock as Block
+
+        per_window = dict(heavy_window_size=WINDOW, num_heavy_attn_tokens_q=WINDOW // 16,
+                          num_heavy_attn_tokens_kv=WINDOW // 16, num_heavy_ff_tokens=WINDOW // 16)
+        return Block(DIM, **per_window, **common)
+    from colt5.block import ConditionalRoutedTransformerBlock as Block
+
     return Block(
         DIM,
         num_heavy_attn_tokens_q=n // 16,
@@ -172,7 +177,7 @@ def profile(n: int, causal: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--modes", choices=["eager", "compiled", "both"], default="both")
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")

@@ -17,6 +17,7 @@ for stage in "$@"; do
     tests) COLT5_GPU_TESTS=1 TAIL=15 run tests python3 -m pytest -q tests/test_coor_descent_gpu.py tests/test_local_attention.py -k "cuda or gpu or parity or million" ;;
     coor) run coor python3 benchmarks/coor_descent.py ;;
     block) run block python3 benchmarks/block.py --sizes ${BLOCK_SIZES:-8192 16384 32768 65536 131072} --ar-sizes ${AR_SIZES:-8192 32768} --modes ${BLOCK_MODES:-both} ;;
+    arblock) run arblock python3 benchmarks/block.py --sizes --ar-sizes 8192 32768 --modes eager ;;
     profile) TAIL=30 run profile python3 benchmarks/block.py --profile 32768 ;;
     local) run local python3 benchmarks/local_attention.py ;;
     cross) run cross python3 benchmarks/cross_attention.py ;;
