@@ -157,6 +157,8 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)  # one process per GPU
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", 0)  # set_device and memory stats need an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:

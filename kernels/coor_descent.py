@@ -53,9 +53,6 @@ _STAT_M = tl.constexpr(1)
 _STAT_E = tl.constexpr(2)
 _STAT_LOG2S = tl.constexpr(3)
 _STAT_Q = tl.constexpr(4)
-# M_T is never used: stats[row, _STAT_M, T] holds the row's count of valid positions instead,
-# which the backward needs to give a fully masked row's offset (defined as 0) no gradient.
-_STAT_NVALID = _STAT_M
 _N_STATS = 5
 _SPIN_LIMIT = tl.constexpr(20_000_000)  # a cooperative barrier gives up (wrong result, no hang) past this
 
@@ -176,17 +173,12 @@ def _coor_descent_fwd_kernel(
                 log2_s = tl.log2(mass)
                 q_t = tot1 * p_clamped / mass
                 a_new = e_prev * (log_k - log2_s / LOG2E) - m_t
-            if step == n_iters:
-                # a_T of a row with nothing valid is defined as 0 (its y is 0 whatever a_T is)
-                a_new = tl.where(n_valid > 0, a_new, 0.0)
             if split == 0:
                 tl.store(st + _STAT_M * n_stat + step - 1, m_t)
                 tl.store(st + _STAT_E * n_stat + step - 1, e_prev)
                 tl.store(st + _STAT_LOG2S * n_stat + step - 1, log2_s)
                 tl.store(st + _STAT_Q * n_stat + step - 1, q_t)
                 tl.store(st + _STAT_A * n_stat + step, a_new)
-                if step == n_iters:
-                    tl.store(st + _STAT_NVALID * n_stat + step, n_valid)
             a = a_new
 
         if step < n_iters:
@@ -329,8 +321,7 @@ def _coor_descent_bwd_kernel(
         if HAS_GA:
             # once per row: phase 2 sums the partials of direct alone (a row without gy runs
             # phase 0 on every split, where each program's abar_T is ga alone)
-            n_valid = tl.load(st + _STAT_NVALID * n_stat + n_iters)
-            abar_T += tl.where(n_valid > 0, tl.load(ga_ptr + row).to(tl.float32), 0.0)
+            abar_T += tl.load(ga_ptr + row).to(tl.float32)
         if IN_REGS:
             ds = _chain(s, direct, abar_T, st, n_stat, n_iters)
             tl.store(ds_row + lo + offs, ds.to(ds_ptr.dtype.element_ty), mask=lo + offs < hi)
@@ -466,7 +457,8 @@ def coor_descent_bwd(
     -> (ds [rows, n] in s.dtype, dk [rows] fp32, or an empty tensor when k is a number)."""
     s = s.contiguous()
     gy = gy.contiguous() if gy is not None else None
-    ga = ga.contiguous() if ga is not None else None
+    # a_T of a row with nothing valid is the constant 0: no gradient flows through it.
+    ga = (ga * _has_valid(s, mask)).contiguous() if ga is not None else None
     rows, n = s.shape
     ds = torch.empty_like(s)
     dk = torch.empty(rows if k_rows is not None else 0, device=s.device, dtype=torch.float32)
@@ -509,9 +501,18 @@ _BWD_SCHEMA = (
 )
 
 
-def _offset_of(stats: Tensor, n_iters: int) -> Tensor:
-    """a_T [rows] fp32, a copy (a custom op's outputs may not alias one another)."""
-    return stats[:, _STAT_A.value, n_iters].clone()
+def _has_valid(s: Tensor, mask: Tensor | None) -> Tensor:
+    """[rows] bool: the row has a position that takes part (unmasked, not NaN, not -inf)."""
+    valid = (s == s) & (s != float("-inf"))
+    return (valid if mask is None else valid & mask).any(dim=-1)
+
+
+def _offset_of(stats: Tensor, n_iters: int, s: Tensor, mask: Tensor | None) -> Tensor:
+    """a_T [rows] fp32, 0 for a row with nothing valid (a new tensor: a custom op's outputs
+    may not alias one another). Done here, not in the kernel: a select on the last iteration
+    inside the forward kernel's loop miscompiled on an H100 (triton 3.6), giving wrong y."""
+    a = stats[:, _STAT_A.value, n_iters]
+    return torch.where(_has_valid(s, mask), a, torch.zeros_like(a))
 
 
 def _fake_stats(s: Tensor, n_iters: int) -> Tensor:
@@ -532,7 +533,7 @@ def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
 def _offset_fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
     """-> (a_T [rows] fp32, stats): the forward without y."""
     _, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
-    return _offset_of(stats, n_iters), stats
+    return _offset_of(stats, n_iters, s, mask), stats
 
 
 @_offset_fwd_op.register_fake
@@ -599,7 +600,7 @@ class CoorDescentOffsetFunction(torch.autograd.Function):
         _, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
         ctx.save_for_backward(s, mask, k_rows, stats)
         ctx.n_iters = n_iters
-        return _offset_of(stats, n_iters)
+        return _offset_of(stats, n_iters, s, mask)
 
     @staticmethod
     def backward(ctx, ga):
