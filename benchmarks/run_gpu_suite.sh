@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages: bash benchmarks/run_gpu_suite.sh STAGE...
-# Stages: overhead tests coor block profile local cross train ddp. Logs go to $OUT (or ./gpu-logs).
+# Stages: overhead tests coor block arblock profile local cross variants train ddp. Logs go to $OUT (or ./gpu-logs).
 # Needs the carried wheels in .whl (local-attention and its deps) on a machine without network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ for stage in "$@"; do
     tests) COLT5_GPU_TESTS=1 TAIL=15 run tests python3 -m pytest -q tests/test_coor_descent_gpu.py tests/test_local_attention.py -k "cuda or gpu or parity or million" ;;
     coor) run coor python3 benchmarks/coor_descent.py ;;
     block) run block python3 benchmarks/block.py --sizes ${BLOCK_SIZES:-8192 16384 32768 65536 131072} --ar-sizes ${AR_SIZES:-8192 32768} --modes ${BLOCK_MODES:-both} ;;
+    variants) run variants python3 benchmarks/variants_gpu.py ;;
     arblock) run arblock python3 benchmarks/block.py --sizes --ar-sizes 8192 32768 --modes eager ;;
     profile) TAIL=30 run profile python3 benchmarks/block.py --profile 32768 ;;
     local) run local python3 benchmarks/local_attention.py ;;
