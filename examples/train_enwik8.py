@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path

@@ -15,6 +15,8 @@ if not GPU_MODE:
     # Must be set before any @triton.jit function is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import math  # noqa: E402
+
 import pytest  # noqa: E402
 
 HAS_CUDA = GPU_MODE
@@ -52,3 +54,32 @@ def seeded(request):
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and COLT5_GPU_TESTS=1")
+
+
+def literal_coor_descent(s, *, n_iters, k, eps, eps_init, eps_decay, mask):
+    """The design note's iteration as written (b = -relu(s + a)), for float64 checks of both
+    implementations: returns (a_T [..., 1], y). Finite s and no fully masked rows only."""
+    from colt5.kernels.checks import eps_schedule
+
+    log_k = k.log().unsqueeze(-1) if torch.is_tensor(k) else math.log(k)
+    schedule = eps_schedule(n_iters, eps, eps_init, eps_decay)
+    a, b = torch.zeros_like(s[..., :1]), -s
+    for e in schedule[:-1]:
+        z = ((s + b) / e).masked_fill(~mask, float("-inf"))
+        a = e * (log_k - z.logsumexp(-1, keepdim=True))
+        b = -torch.relu(s + a)
+    return a, torch.exp((s + a + b) / schedule[-1]) * mask
+
+
+@pytest.fixture
+def poisoned_kernels():
+    """Kernel outputs start as NaN (an unwritten element fails); launch knobs reset after."""
+    import importlib
+
+    cd = importlib.import_module("colt5.kernels.coor_descent")
+    cd._POISON = True
+    cd._FORCE.clear()
+    yield cd
+    cd._POISON = False
+    cd._FORCE.clear()
+    cd._EAGER_VIA_OP = False

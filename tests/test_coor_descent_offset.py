@@ -6,38 +6,18 @@ alone, and y and a_T together (the launchers directly); the op path under torch.
 """
 
 import importlib
-import math
 
 import pytest
 import torch
 
 from colt5.kernels import coor_descent_offset, coor_descent_offset_reference, coor_descent_reference
 from colt5.kernels.checks import eps_schedule
-from conftest import assert_close
+from conftest import assert_close, literal_coor_descent
 
 cd = importlib.import_module("colt5.kernels.coor_descent")
 
 
-@pytest.fixture(autouse=True)
-def _poison_and_reset():
-    cd._POISON = True
-    cd._FORCE.clear()
-    yield
-    cd._POISON = False
-    cd._FORCE.clear()
-    cd._EAGER_VIA_OP = False
-
-
-def literal_dual(s, *, n_iters, k, eps, eps_init, eps_decay, mask):
-    """The design note's iteration as written (b = -relu(s + a)), float64, no empty rows."""
-    log_k = k.log().unsqueeze(-1) if torch.is_tensor(k) else math.log(k)
-    schedule = eps_schedule(n_iters, eps, eps_init, eps_decay)
-    a, b = torch.zeros_like(s[..., :1]), -s
-    for e in schedule[:-1]:
-        z = ((s + b) / e).masked_fill(~mask, float("-inf"))
-        a = e * (log_k - z.logsumexp(-1, keepdim=True))
-        b = -torch.relu(s + a)
-    return a, torch.exp((s + a + b) / schedule[-1]) * mask
+pytestmark = pytest.mark.usefixtures("poisoned_kernels")
 
 
 def _inputs(rows, n, *, density, per_row_k, k, empty_rows=(), dtype=torch.float64):
@@ -62,7 +42,7 @@ def test_reference_matches_literal_iteration(n_iters, eps_init, eps_decay, seede
     y = coor_descent_reference(s, k=k, **cfg)
     assert a.dtype == torch.float64 and a.shape == (4, 1) and e == eps_schedule(n_iters, 0.2, eps_init, eps_decay)[-1]
     grads = torch.autograd.grad((a * ga).sum() + (y * gy).sum(), (s, k))
-    a_lit, y_lit = literal_dual(s, k=k, **cfg)
+    a_lit, y_lit = literal_coor_descent(s, k=k, **cfg)
     grads_lit = torch.autograd.grad((a_lit * ga).sum() + (y_lit * gy).sum(), (s, k))
     assert_close(a, a_lit, 1e-12, "a")
     assert_close(y, y_lit, 1e-12, "y")
