@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from colt5.kernels import coor_descent
+from colt5.kernels.checks import check_schedule
 
 
 class RouterReturn(NamedTuple):
@@ -120,10 +121,7 @@ class Router(nn.Module):
             raise ValueError(f"fetch_k_ratio must be >= 1, got {fetch_k_ratio}")
         if route_block_size is not None:
             check_num_tokens(route_block_size, "route_block_size")
-        # Validate the schedule now rather than at the first forward.
-        from colt5.kernels.checks import check_schedule
-
-        check_schedule(n_iters, eps, eps_init, eps_decay)
+        check_schedule(n_iters, eps, eps_init, eps_decay)  # now, not at the first forward
         self.num_routing_tokens = num_routing_tokens
         self.n_iters, self.eps, self.eps_init, self.eps_decay = n_iters, eps, eps_init, eps_decay
         self.fetch_k_ratio = fetch_k_ratio
