@@ -2,9 +2,10 @@
 
     python benchmarks/coor_descent_overhead.py
 
-Rows: the forward launcher alone, the backward launcher alone (main thread), forward+backward
-through autograd, and a plain PyTorch op of the same size through autograd for the engine's
-own cost. Median microseconds from triton.testing.do_bench; a CPU-side profile of the autograd
+Rows: the forward launcher alone, the backward launcher alone (main thread), both launchers
+back to back, forward+backward through autograd, the same captured in a CUDA graph (what is
+left once host costs are gone), and a plain PyTorch op of the same size through autograd for
+the engine's own cost. Median microseconds from triton.testing.do_bench; a CPU-side profile of the autograd
 step follows.
 """
 
@@ -23,19 +24,37 @@ def us(fn, **kw):
     return 1e3 * do_bench(fn, warmup=25, rep=200, return_mode="median", **kw)
 
 
+def graph_us(step, leaf) -> float:
+    """Median us of replaying `step` (forward+backward) captured in a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm up outside capture (compiles, allocator pools)
+            leaf.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    leaf.grad = None
+    with torch.cuda.graph(graph):
+        step()
+    return us(graph.replay)
+
+
 def main():
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    print(f"{'rows x n':>12} {'fwd launcher':>13} {'bwd launcher':>13} {'autograd f+b':>13} {'exp f+b':>9}")
+    print(f"{'rows x n':>12} {'fwd launcher':>13} {'bwd launcher':>13} {'both':>7} {'autograd f+b':>13} {'graph f+b':>10} {'exp f+b':>9}")
     for rows, n in SHAPES:
         s = torch.randn(rows, n, device="cuda")
         gy = torch.randn_like(s)
         y, stats = coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)
         t_f = us(lambda: coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7))
         t_b = us(lambda: coor_descent_bwd(gy, s, None, None, stats, 20))
+        t_both = us(lambda: coor_descent_bwd(gy, s, None, None, coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)[1], 20))
         sg = s.clone().requires_grad_()
         t_fb = us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), grad_to_none=[sg])
+        t_graph = graph_us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), sg)
         t_exp = us(lambda: sg.exp().backward(gy), grad_to_none=[sg])
-        print(f"{rows:>5} x {n:<6} {t_f:>13.1f} {t_b:>13.1f} {t_fb:>13.1f} {t_exp:>9.1f}", flush=True)
+        print(f"{rows:>5} x {n:<6} {t_f:>13.1f} {t_b:>13.1f} {t_both:>7.1f} {t_fb:>13.1f} {t_graph:>10.1f} {t_exp:>9.1f}", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
