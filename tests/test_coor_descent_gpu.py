@@ -1,4 +1,9 @@
-"""Triton soft top-k on a real GPU: parity on each launch plan, bf16 autocast, a 1M row."""
+"""Triton soft top-k on a real GPU: parity on each launch plan, bf16 autocast, a 1M row.
+
+Run after every kernel edit (`COLT5_GPU_TESTS=1 python -m pytest -q -m gpu`): interpreter parity
+is necessary, not sufficient. A select on the forward's last iteration once passed every CPU
+test and gave wrong y on one-program rows on an H100 (benchmarks/NOTES-coor_descent.md).
+"""
 
 import importlib
 
