@@ -9,6 +9,8 @@ the engine's own cost. Median microseconds from triton.testing.do_bench; a CPU-s
 step follows.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import triton
 from triton.testing import do_bench
@@ -41,6 +43,8 @@ def graph_us(step, leaf) -> float:
 
 
 def main():
+    global worker
+    worker = ThreadPoolExecutor(max_workers=1)
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     print(f"{'rows x n':>12} {'fwd launcher':>13} {'bwd launcher':>13} {'both':>7} {'autograd f+b':>13} {'graph f+b':>10} {'exp f+b':>9}")
     for rows, n in SHAPES:
@@ -54,7 +58,12 @@ def main():
         t_fb = us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), grad_to_none=[sg])
         t_graph = graph_us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), sg)
         t_exp = us(lambda: sg.exp().backward(gy), grad_to_none=[sg])
-        print(f"{rows:>5} x {n:<6} {t_f:>13.1f} {t_b:>13.1f} {t_both:>7.1f} {t_fb:>13.1f} {t_graph:>10.1f} {t_exp:>9.1f}", flush=True)
+        # The thread hypothesis: the backward launcher from a worker thread (as the autograd
+        # engine runs it), against the same hop with a plain op.
+        t_thread = us(lambda: worker.submit(coor_descent_bwd, gy, s, None, None, stats, 20).result())
+        t_hop = us(lambda: worker.submit(torch.neg, gy).result())
+        print(f"{rows:>5} x {n:<6} {t_f:>13.1f} {t_b:>13.1f} {t_both:>7.1f} {t_fb:>13.1f} {t_graph:>10.1f} {t_exp:>9.1f}"
+              f" | bwd launcher on a thread {t_thread:.1f}, plain op on a thread {t_hop:.1f}", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
