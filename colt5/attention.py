@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from colt5.feedforward import _router_kwargs
 from colt5.local_attention import LocalMHA
 from colt5.rotary import RotaryEmbedding, apply_rotary
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["heavy_attend", "ConditionalRoutedAttention"]
 
@@ -159,7 +158,7 @@ class ConditionalRoutedAttention(nn.Module):
             else None
         )
 
-        kwargs = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
         self.q_router = CoordinateDescentRouter(dim, **kwargs)
         self.kv_router = CoordinateDescentRouter(dim, num_routing_tokens=num_routed_kv, **kwargs)
 

@@ -30,7 +30,7 @@ from colt5.causal_routing import CausalCoordinateDescentRouter
 from colt5.feedforward import FeedForward
 from colt5.local_attention import LocalMHA
 from colt5.rotary import RotaryEmbedding, apply_rotary
-from colt5.routers import check_num_tokens, check_tokens
+from colt5.routers import check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = [
     "ConditionalRoutedAutoregressiveAttention",
@@ -39,17 +39,6 @@ __all__ = [
     "ConditionalRoutedAutoregressiveTransformer",
 ]
 
-
-def _router_kwargs(router_kwargs: dict | None, **fixed) -> dict:
-    """The layer's router settings, then the user's router_kwargs (which may not set structure)."""
-    if router_kwargs is None:
-        return fixed
-    if not isinstance(router_kwargs, dict):
-        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-    for key in ("dim", "num_routing_tokens", "window_size", "route_block_size"):
-        if key in router_kwargs:
-            raise ValueError(f"router_kwargs may not set {key!r}: the layer sets it")
-    return {**fixed, **router_kwargs}
 
 
 def _check_capacity(value: int, window: int, name: str) -> int:
@@ -131,7 +120,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.light_attn = LocalMHA(
             dim, window_size=light_window_size, dim_head=light_dim_head, heads=light_heads, causal=True, rotary_emb=rotary_emb
         )
-        kwargs = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "window_size", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
         self.q_router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, **kwargs)
         self.kv_router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, num_routing_tokens=num_routed_kv, **kwargs)
 
@@ -240,7 +229,7 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.light_ff = FeedForward(dim, light_ff_mult)
         self.heavy_ff = FeedForward(dim, heavy_ff_mult)
-        kwargs = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "window_size", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
         self.router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, **kwargs)
 
     def forward(self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False) -> Tensor:

@@ -177,7 +177,7 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
             eps_init=self.eps_init,
             eps_decay=self.eps_decay,
             mask=real[:, :, :-1],
-            backend=None if self.use_triton is None else ("triton" if self.use_triton else "reference"),
+            backend=self.backend,
         )
         logits = s[:, :, 1:].to(dtype) + a
         y = torch.exp(logits.clamp_max(0.0) / e)

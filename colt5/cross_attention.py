@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from colt5.attention import heavy_attend
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["ConditionalRoutedCrossAttention"]
 
@@ -37,15 +37,6 @@ def _check_bool_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, of:
     if tuple(mask.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (batch, seq of {of}), got {tuple(mask.shape)}")
 
-
-def _router_kwargs(router_kwargs: dict[str, Any] | None, **defaults: Any) -> dict[str, Any]:
-    router_kwargs = {} if router_kwargs is None else router_kwargs
-    if not isinstance(router_kwargs, dict):
-        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-    for key in ("dim", "num_routing_tokens", "route_block_size"):
-        if key in router_kwargs:
-            raise ValueError(f"router_kwargs may not set {key!r}: the layer sets it")
-    return {**defaults, **router_kwargs}
 
 
 class ConditionalRoutedCrossAttention(nn.Module):
@@ -112,7 +103,7 @@ class ConditionalRoutedCrossAttention(nn.Module):
         self.multiply_keys_by_score = multiply_keys_by_score
         self.use_flash_attn = use_flash_attn
 
-        shared = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        shared = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
         self.q_router = CoordinateDescentRouter(dim, **shared)
         self.kv_router = CoordinateDescentRouter(
             dim_context,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["FeedForward", "ConditionalRoutedFeedForward"]
 
@@ -39,20 +39,6 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-
-def _router_kwargs(router_kwargs: dict | None, **fixed) -> dict:
-    """The router's keyword arguments: the layer's own settings, then the user's router_kwargs.
-
-    Keys the layer must control itself (dim, num_routing_tokens) may not come from router_kwargs.
-    """
-    if router_kwargs is None:
-        router_kwargs = {}
-    if not isinstance(router_kwargs, dict):
-        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-    for key in ("dim", "num_routing_tokens"):
-        if key in router_kwargs:
-            raise ValueError(f"router_kwargs may not set {key!r}: the layer sets it")
-    return {**fixed, **router_kwargs}
 
 
 class ConditionalRoutedFeedForward(nn.Module):
@@ -96,7 +82,7 @@ class ConditionalRoutedFeedForward(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.light_ff = FeedForward(dim, light_ff_mult)
         self.heavy_ff = FeedForward(dim, heavy_ff_mult)
-        kwargs = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
         self.router = CoordinateDescentRouter(dim, **kwargs)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None) -> Tensor:

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from colt5.feedforward import FeedForward, _hidden_dim, _router_kwargs
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens
+from colt5.feedforward import FeedForward, _hidden_dim
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["ConditionalRoutedMoEFeedForward", "ExpertLoad", "expert_load"]
 
@@ -83,7 +83,7 @@ class ConditionalRoutedMoEFeedForward(nn.Module):
         self.dim, self.num_experts, self.num_heavy_tokens = dim, num_experts, num_heavy_tokens
         self.norm = nn.LayerNorm(dim)
         self.light_ff = FeedForward(dim, light_ff_mult)
-        kwargs = _router_kwargs(router_kwargs, straight_through=router_straight_through, use_triton=use_triton)
+        kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
         self.router = CoordinateDescentRouter(dim, num_routing_tokens=num_experts, **kwargs)
 
         hidden = _hidden_dim(dim, heavy_ff_mult, "heavy_ff_mult")

@@ -82,6 +82,19 @@ def scatter_tokens(out: Tensor, routed: Tensor, indices: Tensor) -> Tensor:
     return flat.view(b, n, d)
 
 
+def layer_router_kwargs(router_kwargs: dict | None, *, reserved: tuple[str, ...], **fixed) -> dict:
+    """A layer's router arguments: its own settings (`fixed`), then the user's `router_kwargs`,
+    which may not set the `reserved` keys (the structure the layer controls)."""
+    if router_kwargs is None:
+        return fixed
+    if not isinstance(router_kwargs, dict):
+        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
+    for key in reserved:
+        if key in router_kwargs:
+            raise ValueError(f"router_kwargs may not set {key!r}: the layer sets it")
+    return {**fixed, **router_kwargs}
+
+
 class Router(nn.Module):
     """Base class of the routers: score tokens, soft top-k, pick, gather; `route_back` scatters.
 
@@ -133,8 +146,12 @@ class Router(nn.Module):
         """[b, n, d] -> [b, r, n] scores. The extension point: subclasses override this."""
         raise NotImplementedError
 
+    @property
+    def backend(self) -> str | None:
+        """The soft top-k backend `use_triton` asks for (None: by device)."""
+        return None if self.use_triton is None else ("triton" if self.use_triton else "reference")
+
     def soft_top_k(self, scores: Tensor, k: float, mask: Tensor | None) -> Tensor:
-        backend = None if self.use_triton is None else ("triton" if self.use_triton else "reference")
         return coor_descent(
             scores,
             n_iters=self.n_iters,
@@ -143,7 +160,7 @@ class Router(nn.Module):
             eps_init=self.eps_init,
             eps_decay=self.eps_decay,
             mask=mask,
-            backend=backend,
+            backend=self.backend,
         )
 
     def forward(
