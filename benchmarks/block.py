@@ -66,11 +66,13 @@ def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
     x = torch.randn(1, n, DIM, device="cuda")
 
     def fwd_bwd():
+        torch.compiler.cudagraph_mark_step_begin()  # each call is a fresh step for CUDA graphs
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = fn(x)
         out.float().sum().backward()
 
     def fwd():
+        torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             fn(x)
 
@@ -178,19 +180,59 @@ def profile(n: int, causal: bool) -> None:
         print(f"  {us / 1e3:7.3f} ms  {name[:100]}")
 
 
+def host_profile(n: int) -> None:
+    """Host (CPU) cost of one fwd+bwd step, eager and compiled: us per step from perf_counter
+    over steps queued without synchronising, then the top Python functions by own time."""
+    import cProfile
+    import pstats
+    import time
+
+    block = routed_block(n).cuda()
+    x = torch.randn(1, n, DIM, device="cuda")
+    for mode, fn in (("eager", block), ("compiled", torch.compile(block))):
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(x)
+            out.float().sum().backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        host = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        gpu = (time.perf_counter() - t0) / 20 * 1e3
+        print(f"\nhost profile n={n} {mode}: {host:.2f} ms of CPU per step queued, {gpu:.2f} ms per step incl. drain")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    torch._dynamo.reset()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled"])
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")
+    parser.add_argument("--host-profile", type=int, nargs="*", default=None, help="host cost of a step at these n")
     args = parser.parse_args()
     import triton
 
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    if args.host_profile:
+        for n in args.host_profile:
+            host_profile(n)
     if args.profile:
         for n in args.profile:
             profile(n, causal=False)
+    if args.profile or args.host_profile:
         return
     modes = args.modes
     table(args.sizes, causal=False, modes=modes)

@@ -2,13 +2,18 @@
 
     python benchmarks/coor_descent_overhead.py
 
-Rows: the forward launcher alone, the backward launcher alone (main thread), both launchers
-back to back, forward+backward through autograd, the same captured in a CUDA graph (what is
-left once host costs are gone), and a plain PyTorch op of the same size through autograd for
-the engine's own cost. Median microseconds from triton.testing.do_bench; a CPU-side profile of the autograd
-step follows.
+Two tables. Host us per call: the Python/launch cost measured with perf_counter over many calls
+without synchronising (the GPU keeps up, so this is what the CPU spends). do_bench us: median
+of the usual GPU-event timing. Rows: forward launcher, backward launcher, both, the public op's
+forward, forward+backward through autograd, the backward launcher on a worker thread, and a
+plain `exp` through autograd for the engine's own cost; then a CUDA-graph replay of f+b (what is
+left once host costs are gone) and a cProfile of the autograd step (top functions by own time).
 """
 
+import cProfile
+import pstats
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,7 +21,7 @@ import triton
 from triton.testing import do_bench
 
 from colt5.kernels import coor_descent as cd_public
-from colt5.kernels.coor_descent import coor_descent_bwd, coor_descent_fwd
+from colt5.kernels.coor_descent import CoorDescentFunction, coor_descent_bwd, coor_descent_fwd
 
 SHAPES = [(16, 4096), (1024, 1024), (2, 131072)]
 KW = dict(n_iters=20, eps=0.03, eps_init=4.0, eps_decay=0.7)
@@ -24,6 +29,19 @@ KW = dict(n_iters=20, eps=0.03, eps_init=4.0, eps_decay=0.7)
 
 def us(fn, **kw):
     return 1e3 * do_bench(fn, warmup=25, rep=200, return_mode="median", **kw)
+
+
+def host_us(fn, calls=200):
+    """CPU microseconds per call: many calls back to back, no synchronisation inside."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
 
 
 def graph_us(step, leaf) -> float:
@@ -43,39 +61,124 @@ def graph_us(step, leaf) -> float:
 
 
 def main():
-    global worker
     worker = ThreadPoolExecutor(max_workers=1)
-    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    print(f"{'rows x n':>12} {'fwd launcher':>13} {'bwd launcher':>13} {'both':>7} {'autograd f+b':>13} {'graph f+b':>10} {'exp f+b':>9}")
+    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
+          f" | python {sys.version.split()[0]} | switch interval {sys.getswitchinterval()}")
+    names = ["fwd launcher", "bwd launcher", "both", "op fwd", "autograd f+b", "bwd on thread", "exp f+b"]
     for rows, n in SHAPES:
         s = torch.randn(rows, n, device="cuda")
         gy = torch.randn_like(s)
-        y, stats = coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)
-        t_f = us(lambda: coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7))
-        t_b = us(lambda: coor_descent_bwd(gy, s, None, None, stats, 20))
-        t_both = us(lambda: coor_descent_bwd(gy, s, None, None, coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)[1], 20))
         sg = s.clone().requires_grad_()
-        t_fb = us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), grad_to_none=[sg])
+        _, stats = coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)
+        calls = [
+            lambda: coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7),
+            lambda: coor_descent_bwd(gy, s, None, None, stats, 20),
+            lambda: coor_descent_bwd(gy, s, None, None, coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)[1], 20),
+            lambda: cd_public(s, k=n / 8, **KW),
+            lambda: torch.autograd.grad(cd_public(sg, k=n / 8, **KW), sg, gy),
+            lambda: worker.submit(coor_descent_bwd, gy, s, None, None, stats, 20).result(),
+            lambda: torch.autograd.grad(sg.exp(), sg, gy),
+        ]
+        host = [host_us(fn) for fn in calls]
+        bench = [us(fn) for fn in calls]
         t_graph = graph_us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), sg)
-        t_exp = us(lambda: sg.exp().backward(gy), grad_to_none=[sg])
-        # The thread hypothesis: the backward launcher from a worker thread (as the autograd
-        # engine runs it), against the same hop with a plain op.
-        t_thread = us(lambda: worker.submit(coor_descent_bwd, gy, s, None, None, stats, 20).result())
-        t_hop = us(lambda: worker.submit(torch.neg, gy).result())
-        print(f"{rows:>5} x {n:<6} {t_f:>13.1f} {t_b:>13.1f} {t_both:>7.1f} {t_fb:>13.1f} {t_graph:>10.1f} {t_exp:>9.1f}"
-              f" | bwd launcher on a thread {t_thread:.1f}, plain op on a thread {t_hop:.1f}", flush=True)
+        print(f"\n{rows} x {n}: graph replay f+b {t_graph:.1f} us")
+        print(f"  {'':<14} {'host us':>8} {'do_bench us':>12}")
+        for name, h, b in zip(names, host, bench):
+            print(f"  {name:<14} {h:>8.1f} {b:>12.1f}", flush=True)
+        sys.setswitchinterval(1e-6)
+        print(f"  autograd f+b with switch interval 1e-6: host {host_us(calls[4]):.1f} do_bench {us(calls[4]):.1f}")
+        sys.setswitchinterval(0.005)
 
-    from torch.profiler import ProfilerActivity, profile
+    pieces()
+    backward_profile()
 
+
+class _ExpFunction(torch.autograd.Function):
+    """A Python autograd.Function around exp: the engine's cost for any Python backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = x.exp()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (y,) = ctx.saved_tensors
+        return gy * y
+
+
+def pieces() -> None:
+    """Host us of each piece of the 16 x 4096 autograd step, to find what costs."""
+    import colt5.kernels.coor_descent as cd
+    from colt5.kernels.checks import check_coor_descent_args
+
+    s = torch.randn(16, 4096, device="cuda")
+    sg = s.clone().requires_grad_()
+    gy = torch.randn_like(s)
+    y, stats = coor_descent_fwd(s, None, None, 512, 20, 0.03, 4.0, 0.7)
+    plan = cd._plan(16, 4096, s.device)
+    fwd_args = (s, s, stats, y, stats, stats, stats, 4096, 1, 20, 0, 21, 6.2, 0.03, 4.0, 0.7)
+    fwd_kw = dict(HAS_MASK=False, K_PER_ROW=False, BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
+                  SPLITS_P2=1, SPLIT=False, COOPERATIVE=False, WRITE_Y=True, num_warps=plan.num_warps)
+    jit = lambda: cd._coor_descent_fwd_kernel[(16, 1)](*fwd_args, **fwd_kw)  # noqa: E731
+    compiled = cd._coor_descent_fwd_kernel.warmup(*fwd_args, grid=(16, 1), **fwd_kw)
+    consts = [fwd_kw[k] for k in ("HAS_MASK", "K_PER_ROW", "BLOCK_N", "SPLIT_LEN", "SPLITS_P2", "SPLIT", "COOPERATIVE", "WRITE_Y")]
+    runner = compiled[(16, 1, 1)]
+    stream = torch.cuda.current_stream().cuda_stream
+    rows = {
+        "argument checks": lambda: check_coor_descent_args(s, n_iters=20, k=512.0, eps=0.03, eps_init=4.0, eps_decay=0.7, mask=None),
+        "torch.empty x2": lambda: (torch.empty_like(s), torch.empty((16, 5, 21), device="cuda")),
+        "jit launch (fwd kernel)": jit,
+        "compiled-kernel launch": lambda: runner(*fwd_args, *consts, stream=stream),
+        "fwd launcher": lambda: coor_descent_fwd(s, None, None, 512, 20, 0.03, 4.0, 0.7),
+        "public fwd, no grad": lambda: cd_public(s, k=512, **KW),
+        "public fwd, grad input": lambda: cd_public(sg, k=512, **KW),
+        "Function.apply fwd, grad": lambda: CoorDescentFunction.apply(sg, None, None, 512.0, 20, 0.03, 4.0, 0.7),
+        "public f+b": lambda: torch.autograd.grad(cd_public(sg, k=512, **KW), sg, gy),
+        "exp f+b": lambda: torch.autograd.grad(sg.exp(), sg, gy),
+        "python Function exp f+b": lambda: torch.autograd.grad(_ExpFunction.apply(sg), sg, gy),
+    }
+    print("\npieces of the 16 x 4096 step (host us per call, then do_bench us):")
+    for name, fn in rows.items():
+        try:
+            print(f"  {name:<28} {host_us(fn):>8.1f} {us(fn):>8.1f}", flush=True)
+        except Exception as err:  # an API difference in one row must not hide the others
+            print(f"  {name:<28} failed: {type(err).__name__}: {str(err)[:150]}")
+
+
+def backward_profile() -> None:
+    """The backward runs on the autograd engine's thread: time and cProfile it from inside."""
     s = torch.randn(16, 4096, device="cuda", requires_grad=True)
-    for _ in range(5):
-        cd_public(s, k=512, **KW).sum().backward()
+    gy = torch.randn_like(s)
+    step = lambda: torch.autograd.grad(cd_public(s, k=512, **KW), s, gy)  # noqa: E731
+    host_us(step)
+    original, bwd_prof, bwd_wall, gaps = CoorDescentFunction.backward, cProfile.Profile(), [], []
+    marks = {}
+
+    def timed_backward(ctx, gy):
+        t0 = time.perf_counter()
+        gaps.append(t0 - marks["grad called"])
+        out = bwd_prof.runcall(original, ctx, gy)
+        bwd_wall.append(time.perf_counter() - t0)
+        marks["backward done"] = time.perf_counter()
+        return out
+
+    CoorDescentFunction.backward = staticmethod(timed_backward)
+    back = []
+    for _ in range(200):
+        y = cd_public(s, k=512, **KW)
+        marks["grad called"] = time.perf_counter()
+        torch.autograd.grad(y, s, gy)
+        back.append(time.perf_counter() - marks["backward done"])
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            cd_public(s, k=512, **KW).sum().backward()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    CoorDescentFunction.backward = staticmethod(original)
+    med = lambda v: 1e6 * sorted(v)[len(v) // 2]  # noqa: E731
+    print(f"\nautograd.grad -> backward starts on the engine thread: {med(gaps):.0f} us; backward body "
+          f"{med(bwd_wall):.0f} us; backward done -> grad returns: {med(back):.0f} us (medians)")
+    print("cProfile of the backward body (engine thread), own time:")
+    pstats.Stats(bwd_prof).sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":

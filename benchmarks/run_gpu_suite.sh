@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages: bash benchmarks/run_gpu_suite.sh STAGE...
-# Stages: overhead tests coor block arblock profile local cross variants train ddp. Logs go to $OUT (or ./gpu-logs).
+# Stages: overhead tests coor block arblock profile host local cross variants train ddp. Logs go to $OUT (or ./gpu-logs).
 # Needs the carried wheels in .whl (local-attention and its deps) on a machine without network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,7 @@ for stage in "$@"; do
     variants) run variants python3 benchmarks/variants_gpu.py ;;
     arblock) run arblock python3 benchmarks/block.py --sizes --ar-sizes 8192 32768 --modes eager compiled ;;
     profile) TAIL=30 run profile python3 benchmarks/block.py --profile 32768 ;;
+    host) TAIL=120 run host python3 benchmarks/block.py --host-profile ${HOST_SIZES:-8192} ;;
     local) run local python3 benchmarks/local_attention.py ;;
     cross) run cross python3 benchmarks/cross_attention.py ;;
     train)

@@ -201,14 +201,18 @@ def _window_mask_mod(n: int, w: int, lb: int, lf: int, causal: bool, exact: bool
 
 
 def _window_kv_blocks(
-    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, all_partial: bool
+    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, all_partial: bool, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per query block of _BLOCK rows: (partial_num, partial_idx, full_num, full_idx) as
-    from_kv_blocks wants them, [1, 1, nb] and [1, 1, nb, nb] int32, computed on the host from
-    interval arithmetic on block bounds (O(nb * span) work, never per element)."""
+    from_kv_blocks wants them, [1, 1, nb] and [1, 1, nb, nb] int32, from interval arithmetic on
+    block bounds (O(nb * span) work, never per element). Shapes depend only on the ints, so
+    torch.compile traces it into the graph with no host synchronisation (no graph break)."""
     B = _BLOCK
     nb = math.ceil(n / B)
-    q_lo = torch.arange(nb) * B
+    # Keys a query block may see span at most B - 1 + (lb + lf + 2) * w positions, so at most
+    # this many kv blocks: a static bound, where the exact max would need a .item().
+    span = min(nb, (2 * B - 2 + (lb + lf + 2) * w) // B + 1)
+    q_lo = torch.arange(nb, device=device) * B
     q_hi = q_lo + B - 1  # last row of the block, possibly >= n (padding rows)
     q_last = q_hi.clamp_max(n - 1)
 
@@ -223,8 +227,8 @@ def _window_kv_blocks(
             hi = torch.minimum(hi, q_last + w * lf)
     hi = hi.clamp_max(n - 1)
     kb_lo, kb_hi = lo // B, hi // B
-    span = int((kb_hi - kb_lo + 1).max())
-    kb = kb_lo[:, None] + torch.arange(span)[None, :]  # [nb, span] candidate kv blocks
+    slots = torch.arange(span, device=device)
+    kb = kb_lo[:, None] + slots[None, :]  # [nb, span] candidate kv blocks
     present = kb <= kb_hi[:, None]
 
     # A block pair is full when every (row, key) in it passes the mask: check the extremes.
@@ -243,12 +247,12 @@ def _window_kv_blocks(
 
     def pack(sel: Tensor) -> tuple[Tensor, Tensor]:
         # Selected indices first, ascending; the tail is unused (filled with 0).
+        count = sel.sum(-1, keepdim=True)
         order = torch.where(sel, kb, nb + kb).argsort(dim=-1, stable=True)
         chosen = torch.where(sel, kb, 0).gather(-1, order)
-        chosen = torch.where(torch.arange(span)[None, :] < sel.sum(-1, keepdim=True), chosen, 0)
-        idx = torch.zeros(nb, nb, dtype=torch.int32)
-        idx[:, :span] = chosen.to(torch.int32)
-        return sel.sum(-1).to(torch.int32)[None, None], idx[None, None]
+        chosen = torch.where(slots[None, :] < count, chosen, 0).to(torch.int32)
+        idx = F.pad(chosen, (0, nb - span))
+        return count.squeeze(-1).to(torch.int32)[None, None], idx[None, None]
 
     return (*pack(partial), *pack(full))
 
@@ -256,16 +260,23 @@ def _window_kv_blocks(
 def _block_mask(
     n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, all_partial: bool, device: torch.device
 ):
+    """The sliding-window BlockMask; cached in eager mode. Under torch.compile it is built inside
+    the graph (a few tiny kernels): a tensor cached from a compiled, CUDA-graphed region would be
+    overwritten by the next replay."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    def build():
+        return BlockMask.from_kv_blocks(
+            *_window_kv_blocks(n, w, lb, lf, causal, exact, all_partial, device),
+            BLOCK_SIZE=_BLOCK, mask_mod=_window_mask_mod(n, w, lb, lf, causal, exact),
+        )
+
+    if torch.compiler.is_compiling():
+        return build()
     key = (n, w, lb, lf, causal, exact, all_partial, str(device))
     bm = _block_mask_cache.get(key)
     if bm is None:
-        tensors = [t.to(device) for t in _window_kv_blocks(n, w, lb, lf, causal, exact, all_partial)]
-        bm = BlockMask.from_kv_blocks(
-            *tensors, BLOCK_SIZE=_BLOCK, mask_mod=_window_mask_mod(n, w, lb, lf, causal, exact)
-        )
-        _block_mask_cache[key] = bm
+        bm = _block_mask_cache[key] = build()
         if len(_block_mask_cache) > _BLOCK_MASK_CACHE_SIZE:
             _block_mask_cache.popitem(last=False)
     else:

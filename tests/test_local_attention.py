@@ -175,7 +175,7 @@ def test_kv_blocks_cover_the_mask(n, w, look, exact):
     causal, lb, lf = look
     B = 128
     nb = -(-n // B)
-    p_num, p_idx, f_num, f_idx = (t[0, 0] for t in _window_kv_blocks(n, w, lb, lf, causal, exact, False))
+    p_num, p_idx, f_num, f_idx = (t[0, 0] for t in _window_kv_blocks(n, w, lb, lf, causal, exact, False, torch.device("cpu")))
     listed_p = torch.zeros(nb, nb, dtype=torch.bool)
     listed_f = torch.zeros(nb, nb, dtype=torch.bool)
     for r in range(nb):
@@ -384,3 +384,12 @@ def test_flex_path_traces_without_graph_breaks():
             expected = mha(x, mask=mask)
             mha.backend = "flex"
             assert_close(compiled(x, mask=mask), expected, 1e-5, f"compiled flex n={n}")
+
+
+def test_kv_blocks_trace_without_graph_break():
+    """Under torch.compile the block mask is built inside the graph (no .item(), static shapes),
+    so a compiled, CUDA-graphed block never caches a tensor a replay would overwrite."""
+    args = (5000, 128, 1, 1, False, False, False, torch.device("cpu"))
+    traced = torch.compile(lambda: _window_kv_blocks(*args), fullgraph=True, backend="eager")()
+    for got, want in zip(traced, _window_kv_blocks(*args)):
+        assert torch.equal(got, want)
