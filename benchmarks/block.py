@@ -65,8 +65,14 @@ def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
     fn = {"eager": block, "compiled": torch.compile(block), "graphs": torch.compile(block, mode="reduce-overhead")}[mode]
     x = torch.randn(1, n, DIM, device="cuda")
 
+    params = list(block.parameters())
+
     def fwd_bwd():
-        torch.compiler.cudagraph_mark_step_begin()  # each call is a fresh step for CUDA graphs
+        # A fresh step, as a training loop with zero_grad(set_to_none=True) has: accumulating into
+        # .grad from the last step would read a CUDA-graph output that this replay overwrites.
+        torch.compiler.cudagraph_mark_step_begin()
+        for p in params:
+            p.grad = None
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = fn(x)
         out.float().sum().backward()
@@ -76,7 +82,6 @@ def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             fn(x)
 
-    params = list(block.parameters())
     for _ in range(3):  # compile and warm up outside the timed region
         fwd_bwd()
         fwd()
@@ -141,15 +146,16 @@ COMPONENTS = [
 ]
 
 
-def profile(n: int, causal: bool) -> None:
+def profile(n: int, causal: bool, mode: str = "eager") -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     block = routed_block(n, causal).cuda()
+    fn = torch.compile(block) if mode == "compiled" else block
     x = torch.randn(1, n, DIM, device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = block(x)
+            out = fn(x)
         out.float().sum().backward()
 
     for _ in range(3):
@@ -170,7 +176,8 @@ def profile(n: int, causal: bool) -> None:
         per_component[component] += cuda_us / 5
         per_kernel[name] += cuda_us / 5
     total = sum(per_component.values())
-    print(f"\nprofile of the {'autoregressive' if causal else 'encoder'} block, n={n}, eager, fwd+bwd: CUDA time per step")
+    print(f"\nprofile of the {'autoregressive' if causal else 'encoder'} block, n={n}, {mode}, fwd+bwd: CUDA time per step"
+          " (inductor's fused kernels are classed by the first op in their name)")
     print(f"{'component':<38} {'ms':>7} {'share':>6}")
     for c, us in sorted(per_component.items(), key=lambda kv: -kv[1]):
         print(f"{c:<38} {us / 1e3:>7.3f} {us / total:>6.1%}")
@@ -221,6 +228,7 @@ def main() -> None:
     parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled"])
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")
+    parser.add_argument("--profile-modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
     parser.add_argument("--host-profile", type=int, nargs="*", default=None, help="host cost of a step at these n")
     args = parser.parse_args()
     import triton
@@ -231,7 +239,8 @@ def main() -> None:
             host_profile(n)
     if args.profile:
         for n in args.profile:
-            profile(n, causal=False)
+            for mode in args.profile_modes:
+                profile(n, causal=False, mode=mode)
     if args.profile or args.host_profile:
         return
     modes = args.modes

@@ -21,7 +21,6 @@ per-block kv indices, compiled on CUDA; eager on CPU, forward only there).
 
 from __future__ import annotations
 
-import copy
 import math
 from collections import OrderedDict
 from typing import Callable
@@ -258,22 +257,32 @@ def _window_kv_blocks(
 
 
 def _block_mask(
-    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, all_partial: bool, device: torch.device
+    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, device: torch.device,
+    key_mask: Tensor | None = None,
 ):
-    """The sliding-window BlockMask; cached in eager mode. Under torch.compile it is built inside
-    the graph (a few tiny kernels): a tensor cached from a compiled, CUDA-graphed region would be
+    """The sliding-window BlockMask, with a key padding mask [b, n_pad] folded into mask_mod
+    when given (every block then partial: a full block would skip mask_mod).
+
+    Cached in eager mode when there is no key mask. Under torch.compile it is built inside the
+    graph (a few tiny kernels): a tensor cached from a compiled, CUDA-graphed region would be
     overwritten by the next replay."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    def build():
-        return BlockMask.from_kv_blocks(
-            *_window_kv_blocks(n, w, lb, lf, causal, exact, all_partial, device),
-            BLOCK_SIZE=_BLOCK, mask_mod=_window_mask_mod(n, w, lb, lf, causal, exact),
-        )
+    window_mod = _window_mask_mod(n, w, lb, lf, causal, exact)
+    if key_mask is None:
+        mask_mod = window_mod
+    else:
 
-    if torch.compiler.is_compiling():
+        def mask_mod(bi: Tensor, hi: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return window_mod(bi, hi, q_idx, kv_idx) & key_mask[bi, kv_idx]
+
+    def build():
+        blocks = _window_kv_blocks(n, w, lb, lf, causal, exact, key_mask is not None, device)
+        return BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=_BLOCK, mask_mod=mask_mod)
+
+    if key_mask is not None or torch.compiler.is_compiling():
         return build()
-    key = (n, w, lb, lf, causal, exact, all_partial, str(device))
+    key = (n, w, lb, lf, causal, exact, str(device))
     bm = _block_mask_cache.get(key)
     if bm is None:
         bm = _block_mask_cache[key] = build()
@@ -306,16 +315,8 @@ def local_attention_flex(
     pad = math.ceil(n / _BLOCK) * _BLOCK - n
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    bm = _block_mask(n, w, lb, lf, causal, exact_windowsize, mask is not None, q.device)
-    if mask is not None:
-        key_mask = F.pad(mask, (0, pad), value=False)
-        window_mod = bm.mask_mod
-
-        def masked_mod(bi: Tensor, hi: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return window_mod(bi, hi, q_idx, kv_idx) & key_mask[bi, kv_idx]
-
-        bm = copy.copy(bm)  # shallow: shares the cached index tensors
-        bm.mask_mod = masked_mod
+    key_mask = F.pad(mask, (0, pad), value=False) if mask is not None else None
+    bm = _block_mask(n, w, lb, lf, causal, exact_windowsize, q.device, key_mask)
     out = _flex_fn(q.device)(q, k, v, block_mask=bm, scale=scale)
     return out[:, :, :n] if pad else out
 
