@@ -19,17 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
-from triton.testing import do_bench
 
 from colt5.kernels import coor_descent as cd_public
+from timing import graph_us, us
 from colt5.kernels.coor_descent import CoorDescentFunction, coor_descent_bwd, coor_descent_fwd
 
 SHAPES = [(16, 4096), (1024, 1024), (2, 131072)]
 KW = dict(n_iters=20, eps=0.03, eps_init=4.0, eps_decay=0.7)
-
-
-def us(fn, **kw):
-    return 1e3 * do_bench(fn, warmup=25, rep=200, return_mode="median", **kw)
 
 
 def host_us(fn, calls=200):
@@ -43,22 +39,6 @@ def host_us(fn, calls=200):
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
-
-
-def graph_us(step, leaf) -> float:
-    """Median us of replaying `step` (forward+backward) captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # warm up outside capture (compiles, allocator pools)
-            leaf.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    leaf.grad = None
-    with torch.cuda.graph(graph):
-        step()
-    return us(graph.replay)
 
 
 def main():
@@ -82,7 +62,7 @@ def main():
         ]
         host = [host_us(fn) for fn in calls]
         bench = [us(fn) for fn in calls]
-        t_graph = graph_us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), sg)
+        t_graph = graph_us(lambda: cd_public(sg, k=n / 8, **KW).backward(gy), (sg,))
         print(f"\n{rows} x {n}: graph replay f+b {t_graph:.1f} us")
         print(f"  {'':<14} {'host us':>8} {'do_bench us':>12}")
         for name, h, b in zip(names, host, bench):

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_coor_descent_args, eps_schedule
+from .launch import Launcher
 from .reference import coor_descent_offset_reference, coor_descent_reference
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted.
@@ -408,6 +409,10 @@ def _make_plan(
     return _Plan(block_n, split_len, n_splits, cooperative, num_warps)
 
 
+_launch_fwd = Launcher(_coor_descent_fwd_kernel)
+_launch_bwd = Launcher(_coor_descent_bwd_kernel)
+
+
 def coor_descent_fwd(
     s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
     eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True,
@@ -436,15 +441,16 @@ def coor_descent_fwd(
     sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if plan.cooperative else stats
     steps = [(0, n_iters + 1)] if (not split or plan.cooperative) else [(t, t + 1) for t in range(n_iters + 1)]
     for step_begin, step_end in steps:
-        _coor_descent_fwd_kernel[(rows, plan.n_splits)](
-            s, mask_arg, k_arg, y if write_y else s, stats, part, sync,
-            n, plan.n_splits, n_iters, step_begin, step_end,
-            math.log(k), float(eps), float(eps_first), float(eps_decay),
-            HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
-            BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
-            SPLITS_P2=triton.next_power_of_2(plan.n_splits),
-            SPLIT=split, COOPERATIVE=plan.cooperative, WRITE_Y=write_y,
-            num_warps=plan.num_warps,
+        _launch_fwd(
+            (rows, plan.n_splits),
+            (s, mask_arg, k_arg, y if write_y else s, stats, part, sync,
+             n, plan.n_splits, n_iters, step_begin, step_end,
+             math.log(k), float(eps), float(eps_first), float(eps_decay)),
+            dict(HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
+                 BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
+                 SPLITS_P2=triton.next_power_of_2(plan.n_splits),
+                 SPLIT=split, COOPERATIVE=plan.cooperative, WRITE_Y=write_y),
+            plan.num_warps,
         )
     return y, stats
 
@@ -474,15 +480,16 @@ def coor_descent_bwd(
     # Without gy, abar_T = ga needs no reduction over the row: every split runs phase 0.
     phases = (0,) if plan.n_splits == 1 or gy is None else (1, 2)
     for phase in phases:
-        _coor_descent_bwd_kernel[(rows, plan.n_splits)](
-            gy if gy is not None else s, s, mask_arg, k_arg, stats, part, ga if ga is not None else stats,
-            ds, dk if k_rows is not None else stats,
-            n, plan.n_splits, n_iters,
-            HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
-            HAS_GY=gy is not None, HAS_GA=ga is not None,
-            BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
-            SPLITS_P2=triton.next_power_of_2(plan.n_splits), PHASE=phase,
-            num_warps=plan.num_warps,
+        _launch_bwd(
+            (rows, plan.n_splits),
+            (gy if gy is not None else s, s, mask_arg, k_arg, stats, part, ga if ga is not None else stats,
+             ds, dk if k_rows is not None else stats,
+             n, plan.n_splits, n_iters),
+            dict(HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
+                 HAS_GY=gy is not None, HAS_GA=ga is not None,
+                 BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
+                 SPLITS_P2=triton.next_power_of_2(plan.n_splits), PHASE=phase),
+            plan.num_warps,
         )
     return ds, dk
 

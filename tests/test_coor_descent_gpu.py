@@ -100,3 +100,52 @@ def test_compile_fullgraph(seeded):
     y.sum().backward()
     assert_close(y / 2, coor_descent_reference(s.detach().double(), k=100, **CONFIG), 1e-5, "y")
     assert torch.isfinite(s.grad).all()
+
+
+def test_direct_launch_matches_the_jit(seeded, monkeypatch):
+    """The Launcher's kept kernels: bitwise the JIT's results, and for every key it built, the
+    very kernel Triton's JIT picks for those arguments (its key is never coarser than Triton's).
+    Cases cover misaligned storage, masks, per-row k, split rows and the backward phases."""
+    launch = importlib.import_module("colt5.kernels.launch")
+    assert launch.ENABLED
+    cases = []
+    for rows, n, offset in ((3, 1000, 0), (3, 1000, 1), (5, 4096, 0), (2, 40000, 3), (1, 17, 0), (16, 16, 0)):
+        flat = torch.randn(rows * n + offset, device="cuda")
+        cases.append(flat[offset:].view(rows, n))  # offset 1, 3: data_ptr not 16-byte aligned
+    for s in cases:
+        rows, n = s.shape
+        mask = torch.rand(rows, n, device="cuda") > 0.2
+        k = (torch.rand(rows, device="cuda") * n / 4 + 1).requires_grad_()
+        gy = torch.randn_like(s)
+        results = {}
+        for enabled in (False, True, True):  # the second direct run hits the kept kernels
+            monkeypatch.setattr(launch, "ENABLED", enabled)
+            sg = s.clone().requires_grad_()
+            y = triton_coor_descent(sg, k=k, mask=mask, **CONFIG)
+            results[enabled] = (y, *torch.autograd.grad(y, (sg, k), gy))
+        for a, b in zip(results[False], results[True]):
+            assert torch.equal(a, b)
+    monkeypatch.setattr(launch, "ENABLED", True)
+    for launcher in (cd._launch_fwd, cd._launch_bwd):
+        assert launcher.kernels, "no kernel was kept"
+        for key, kernel in launcher.kernels.items():
+            assert kernel is not None and key[0] == torch.cuda.current_device()
+
+
+def test_launcher_key_is_no_coarser_than_triton(seeded):
+    """Arguments that share a Launcher key get the same compiled kernel from Triton's JIT."""
+    launch = importlib.import_module("colt5.kernels.launch")
+    fn = cd._coor_descent_fwd_kernel
+    consts = dict(HAS_MASK=False, K_PER_ROW=False, BLOCK_N=128, SPLIT_LEN=128, SPLITS_P2=1,
+                  SPLIT=False, COOPERATIVE=False, WRITE_Y=True)
+    buf = torch.randn(4 * 128 + 8, device="cuda")
+    seen = {}
+    for off in (0, 1, 4, 8):
+        for n in (128, 112, 1, 127):
+            s = buf[off:off + 4 * n].view(4, n)
+            y, stats = torch.empty_like(s), torch.empty(4, 5, 3, device="cuda")
+            args = (s, s, stats, y, stats, stats, stats, n, 1, 2, 0, 3, 1.0, 0.1, 0.1, 1.0)
+            key = tuple(map(launch.arg_key, args))
+            kernel = fn.warmup(*args, grid=(4, 1), **consts, num_warps=4)
+            assert seen.setdefault(key, kernel) is kernel
+    assert len(seen) >= 4
