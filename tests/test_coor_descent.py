@@ -192,3 +192,19 @@ def test_bad_arguments(fn, case):
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend"):
         coor_descent(S, n_iters=2, k=1, backend="cuda")
+
+
+def test_launcher_key_separates_what_triton_specializes_on():
+    """The direct launch reuses a compiled kernel only for arguments with the same key, so the
+    key must tell apart everything Triton specializes on (the GPU tests check it against the JIT)."""
+    from colt5.kernels.launch import arg_key
+
+    buf = torch.zeros(64)
+    assert arg_key(buf) == arg_key(buf[4:])  # 16-byte offset: still aligned
+    assert arg_key(buf) != arg_key(buf[1:])  # 4-byte offset: not
+    assert arg_key(buf) != arg_key(buf.double())
+    assert arg_key(1) != arg_key(3) and arg_key(16) != arg_key(17) and arg_key(3) == arg_key(5)
+    assert arg_key(2**31 - 16) != arg_key(2**31) != arg_key(2**63)
+    assert arg_key(0.5) == arg_key(3.0)
+    with pytest.raises(TypeError, match="str"):
+        arg_key("x")
