@@ -146,11 +146,8 @@ COMPONENTS = [
 ]
 
 
-def profile(n: int, causal: bool, mode: str = "eager") -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    block = routed_block(n, causal).cuda()
-    fn = torch.compile(block) if mode == "compiled" else block
+def bf16_step(fn, n: int):
+    """One forward+backward of fn on a fresh [1, n, DIM] input under bf16 autocast."""
     x = torch.randn(1, n, DIM, device="cuda")
 
     def step():
@@ -158,6 +155,14 @@ def profile(n: int, causal: bool, mode: str = "eager") -> None:
             out = fn(x)
         out.float().sum().backward()
 
+    return step
+
+
+def profile(n: int, causal: bool, mode: str = "eager") -> None:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    block = routed_block(n, causal).cuda()
+    step = bf16_step(torch.compile(block) if mode == "compiled" else block, n)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -177,7 +182,7 @@ def profile(n: int, causal: bool, mode: str = "eager") -> None:
         per_kernel[name] += cuda_us / 5
     total = sum(per_component.values())
     print(f"\nprofile of the {'autoregressive' if causal else 'encoder'} block, n={n}, {mode}, fwd+bwd: CUDA time per step"
-          " (inductor's fused kernels are classed by the first op in their name)")
+          " (a fused inductor kernel counts for the first component whose pattern its name matches)")
     print(f"{'component':<38} {'ms':>7} {'share':>6}")
     for c, us in sorted(per_component.items(), key=lambda kv: -kv[1]):
         print(f"{c:<38} {us / 1e3:>7.3f} {us / total:>6.1%}")
@@ -195,13 +200,8 @@ def host_profile(n: int) -> None:
     import time
 
     block = routed_block(n).cuda()
-    x = torch.randn(1, n, DIM, device="cuda")
     for mode, fn in (("eager", block), ("compiled", torch.compile(block))):
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = fn(x)
-            out.float().sum().backward()
-
+        step = bf16_step(fn, n)
         for _ in range(3):
             step()
         torch.cuda.synchronize()

@@ -16,7 +16,7 @@ import subprocess
 
 import torch
 import triton
-from timing import graph_us, us
+from timing import ExpFunction, graph_us, us
 from triton.testing import do_bench
 
 from colt5.kernels import coor_descent_reference, triton_coor_descent
@@ -104,21 +104,6 @@ def tune() -> None:
 RECOMPUTE_FWD_BWD_MS = {(16, 4096): 2.36, (8, 32768): 2.78, (2, 131072): 13.2, (1024, 1024): 2.19, (256, 8192): 2.11}
 
 
-class _ExpFunction(torch.autograd.Function):
-    """exp with a Python backward: what any Python-backward op costs the host here."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = x.exp()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        (y,) = ctx.saved_tensors
-        return gy * y
-
-
 def bench() -> None:
     props = torch.cuda.get_device_properties(0)
     sms, clock, bw = props.multi_processor_count, sm_clock_hz(), copy_bandwidth()
@@ -162,7 +147,7 @@ def bench() -> None:
         torch.cuda.empty_cache()
     x = torch.randn(16, 4096, device="cuda", requires_grad=True)
     gx = torch.randn_like(x)
-    host_floor = us(lambda: torch.autograd.grad(_ExpFunction.apply(x), x, gx))
+    host_floor = us(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx))
     plain = us(lambda: torch.autograd.grad(x.exp(), x, gx))
     print(f"host floor of this machine, eager fwd+bwd of exp on 16 x 4096: {plain:.1f} us as a torch op, "
           f"{host_floor:.1f} us as a Python autograd.Function (any eager Python-backward op pays this)")

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from colt5.kernels import coor_descent as cd_public
-from timing import graph_us, us
+from timing import ExpFunction, graph_us, us
 from colt5.kernels.coor_descent import CoorDescentFunction, coor_descent_bwd, coor_descent_fwd
 
 SHAPES = [(16, 4096), (1024, 1024), (2, 131072)]
@@ -75,21 +75,6 @@ def main():
     backward_profile()
 
 
-class _ExpFunction(torch.autograd.Function):
-    """A Python autograd.Function around exp: the engine's cost for any Python backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        y = x.exp()
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        (y,) = ctx.saved_tensors
-        return gy * y
-
-
 def pieces() -> None:
     """Host us of each piece of the 16 x 4096 autograd step, to find what costs."""
     cd = importlib.import_module("colt5.kernels.coor_descent")  # the package re-exports a function of that name
@@ -119,7 +104,7 @@ def pieces() -> None:
         "Function.apply fwd, grad": lambda: CoorDescentFunction.apply(sg, None, None, 512.0, 20, 0.03, 4.0, 0.7),
         "public f+b": lambda: torch.autograd.grad(cd_public(sg, k=512, **KW), sg, gy),
         "exp f+b": lambda: torch.autograd.grad(sg.exp(), sg, gy),
-        "python Function exp f+b": lambda: torch.autograd.grad(_ExpFunction.apply(sg), sg, gy),
+        "python Function exp f+b": lambda: torch.autograd.grad(ExpFunction.apply(sg), sg, gy),
     }
     print("\npieces of the 16 x 4096 step (host us per call, then do_bench us):")
     for name, fn in rows.items():
