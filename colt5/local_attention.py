@@ -21,6 +21,7 @@ per-block kv indices, compiled on CUDA; eager on CPU, forward only there).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from typing import Callable
@@ -263,33 +264,35 @@ def _block_mask(
     """The sliding-window BlockMask, with a key padding mask [b, n_pad] folded into mask_mod
     when given (every block then partial: a full block would skip mask_mod).
 
-    Cached in eager mode when there is no key mask. Under torch.compile it is built inside the
-    graph (a few tiny kernels): a tensor cached from a compiled, CUDA-graphed region would be
-    overwritten by the next replay."""
+    Eager: the window's index tensors are cached; a key mask gets a shallow copy with its own
+    mask_mod. Under torch.compile the mask is built inside the graph (a few tiny kernels, and
+    dynamo cannot trace copy.copy): a tensor cached from a compiled, CUDA-graphed region would
+    be overwritten by the next replay."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    all_partial = key_mask is not None
     window_mod = _window_mask_mod(n, w, lb, lf, causal, exact)
-    if key_mask is None:
-        mask_mod = window_mod
-    else:
 
-        def mask_mod(bi: Tensor, hi: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return window_mod(bi, hi, q_idx, kv_idx) & key_mask[bi, kv_idx]
+    def key_masked_mod(bi: Tensor, hi: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return window_mod(bi, hi, q_idx, kv_idx) & key_mask[bi, kv_idx]
 
-    def build():
-        blocks = _window_kv_blocks(n, w, lb, lf, causal, exact, key_mask is not None, device)
+    mask_mod = window_mod if key_mask is None else key_masked_mod
+
+    if torch.compiler.is_compiling():
+        blocks = _window_kv_blocks(n, w, lb, lf, causal, exact, all_partial, device)
         return BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=_BLOCK, mask_mod=mask_mod)
-
-    if key_mask is not None or torch.compiler.is_compiling():
-        return build()
-    key = (n, w, lb, lf, causal, exact, str(device))
+    key = (n, w, lb, lf, causal, exact, all_partial, str(device))
     bm = _block_mask_cache.get(key)
     if bm is None:
-        bm = _block_mask_cache[key] = build()
+        blocks = _window_kv_blocks(n, w, lb, lf, causal, exact, all_partial, device)
+        bm = _block_mask_cache[key] = BlockMask.from_kv_blocks(*blocks, BLOCK_SIZE=_BLOCK, mask_mod=window_mod)
         if len(_block_mask_cache) > _BLOCK_MASK_CACHE_SIZE:
             _block_mask_cache.popitem(last=False)
     else:
         _block_mask_cache.move_to_end(key)
+    if key_mask is not None:
+        bm = copy.copy(bm)  # shallow: shares the cached index tensors
+        bm.mask_mod = mask_mod
     return bm
 
 

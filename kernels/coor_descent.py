@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,11 +40,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_coor_descent_args, eps_schedule
-from .launch import Launcher
+from .launch import INTERPRET, Launcher
 from .reference import coor_descent_offset_reference, coor_descent_reference
 
-# Triton decides at decoration time whether @triton.jit functions are interpreted.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Rows in stats[row, :, t]

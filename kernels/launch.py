@@ -1,7 +1,7 @@
 """Launch a @triton.jit kernel at a fraction of the JIT's host cost.
 
-`kernel[grid](...)` binds and specializes every argument on every call: ~60 us of CPU on the
-H100 host we measured, against ~16 us to launch the compiled kernel itself
+`kernel[grid](...)` binds and specializes every argument on every call: 41-60 us of CPU on the
+H100 hosts we measured, against 8-16 us to launch the compiled kernel itself
 (`benchmarks/coor_descent_overhead.py`). For small rows that is most of an eager step.
 
 `Launcher` sends the first call of each specialization through the JIT (which compiles it and
@@ -20,6 +20,7 @@ import os
 import torch
 from triton.runtime import driver
 
+# Triton decides at decoration time whether @triton.jit functions are interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 # COLT5_JIT_LAUNCH=1 sends every launch through the JIT (to compare, or if a Triton release
 # changes the CompiledKernel calling convention).
