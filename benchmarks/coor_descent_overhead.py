@@ -70,6 +70,9 @@ def main():
         sys.setswitchinterval(1e-6)
         print(f"  autograd f+b with switch interval 1e-6: host {host_us(calls[4]):.1f} do_bench {us(calls[4]):.1f}")
         sys.setswitchinterval(0.005)
+        # The engine-thread hypothesis: with multithreading off the backward runs on this thread.
+        with torch.autograd.set_multithreading_enabled(False):
+            print(f"  autograd f+b, backward on the calling thread: host {host_us(calls[4]):.1f} do_bench {us(calls[4]):.1f}")
 
     pieces()
     backward_profile()
