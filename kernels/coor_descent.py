@@ -473,9 +473,10 @@ def coor_descent_bwd(
     plan = _plan(rows, n, s.device)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
     k_arg = k_rows.contiguous() if k_rows is not None else stats
-    part = torch.empty((rows, plan.n_splits), device=s.device, dtype=torch.float32)
     # Without gy, abar_T = ga needs no reduction over the row: every split runs phase 0.
     phases = (0,) if plan.n_splits == 1 or gy is None else (1, 2)
+    # Per-split partial sums of abar_T, exchanged between phases 1 and 2 only.
+    part = torch.empty((rows, plan.n_splits), device=s.device, dtype=torch.float32) if phases == (1, 2) else stats
     for phase in phases:
         _launch_bwd(
             (rows, plan.n_splits),
