@@ -703,13 +703,17 @@ def _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask) -
     return a.view(*s.shape[:-1], 1), e_T
 
 
-def _check_backend(backend) -> None:
+def _dispatch(triton_impl, reference_impl, s, n_iters, k, eps, eps_init, eps_decay, mask, backend):
+    """Validate once, then the Triton kernels (CUDA by default, or backend="triton") or the
+    PyTorch reference (backend="reference", or a non-CUDA tensor by default)."""
+    check_coor_descent_args(
+        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+    )
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
-
-
-def _wants_triton(s: Tensor, backend) -> bool:
-    return backend == "triton" or (backend is None and s.device.type == "cuda")
+    if backend == "triton" or (backend is None and s.device.type == "cuda"):
+        return triton_impl(s, n_iters, k, eps, eps_init, eps_decay, mask)
+    return reference_impl(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
 
 
 def coor_descent(
@@ -747,15 +751,7 @@ def coor_descent(
         TypeError / ValueError naming the argument for invalid arguments; RuntimeError for
         backend="triton" on a CPU tensor without TRITON_INTERPRET=1.
     """
-    check_coor_descent_args(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-    )
-    _check_backend(backend)
-    if _wants_triton(s, backend):
-        return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    return coor_descent_reference(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-    )
+    return _dispatch(_triton_coor_descent, coor_descent_reference, s, n_iters, k, eps, eps_init, eps_decay, mask, backend)
 
 
 def coor_descent_offset(
@@ -786,12 +782,4 @@ def coor_descent_offset(
         TypeError / ValueError naming the argument for invalid arguments; RuntimeError for
         backend="triton" on a CPU tensor without TRITON_INTERPRET=1.
     """
-    check_coor_descent_args(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-    )
-    _check_backend(backend)
-    if _wants_triton(s, backend):
-        return _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    return coor_descent_offset_reference(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-    )
+    return _dispatch(_triton_coor_descent_offset, coor_descent_offset_reference, s, n_iters, k, eps, eps_init, eps_decay, mask, backend)
