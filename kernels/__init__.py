@@ -2,6 +2,7 @@
 
 from .coor_descent import coor_descent, coor_descent_offset, triton_coor_descent
 from .reference import coor_descent_offset_reference, coor_descent_reference
+from .select import top_k_indices
 from .topk import TopkReturn, topk
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "coor_descent_reference",
     "triton_coor_descent",
     "topk",
+    "top_k_indices",
     "TopkReturn",
 ]
