@@ -246,11 +246,13 @@ def _window_kv_blocks(
     partial = present & ~full
 
     def pack(sel: Tensor) -> tuple[Tensor, Tensor]:
-        # Selected indices first, ascending; the tail is unused (filled with 0).
+        # Selected indices first, ascending; the tail is unused (filled with 0). Output slot j
+        # takes the candidate that is the (j+1)-th selected: a [nb, span, span] compare that
+        # inductor fuses into one kernel (an argsort here cost two radix-sort launches per step).
         count = sel.sum(-1, keepdim=True)
-        order = torch.where(sel, kb, nb + kb).argsort(dim=-1, stable=True)
-        chosen = torch.where(sel, kb, 0).gather(-1, order)
-        chosen = torch.where(slots[None, :] < count, chosen, 0).to(torch.int32)
+        rank = sel.cumsum(-1)  # [nb, span]: selected candidates so far
+        hit = sel[:, None, :] & (rank[:, None, :] == slots[None, :, None] + 1)  # [nb, j, slot]
+        chosen = (hit * kb[:, None, :]).sum(-1).to(torch.int32)
         idx = F.pad(chosen, (0, nb - span))
         return count.squeeze(-1).to(torch.int32)[None, None], idx[None, None]
 
