@@ -116,7 +116,7 @@ def fmt(v, spec=".2f"):
     return "-" if v is None else format(v, spec)
 
 
-def table(sizes: list[int], causal: bool, modes: list[str]) -> None:
+def table(sizes: list[int], causal: bool, modes: list[str], skip_dense: bool = False) -> None:
     kind = "autoregressive block vs causal dense" if causal else "encoder block vs dense"
     print(f"\n{kind}: median ms (fwd+bwd | fwd no_grad), peak GiB of fwd+bwd, ratio = ours/dense")
     head = f"{'n':>7} {'mode':>8} | {'ours f+b':>9} {'dense f+b':>9} {'ratio':>6} | {'ours f':>7} {'dense f':>7} | {'ours GiB':>8} {'dense GiB':>9}"
@@ -125,7 +125,7 @@ def table(sizes: list[int], causal: bool, modes: list[str]) -> None:
     for n in sizes:
         for mode in modes:
             ours = safe_measure(lambda: routed_block(n, causal), n, mode)
-            dense = safe_measure(lambda: dense_block(causal), n, mode)
+            dense = None if skip_dense else safe_measure(lambda: dense_block(causal), n, mode)
             ratio = ours["fwd_bwd"] / dense["fwd_bwd"] if ours and dense else None
             g = lambda r, key: None if r is None else r[key]  # noqa: E731
             print(
@@ -158,7 +158,7 @@ def bf16_step(fn, n: int):
     return step
 
 
-def profile(n: int, causal: bool, mode: str = "eager") -> None:
+def profile(n: int, causal: bool, mode: str = "eager", top: int = 25) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     block = routed_block(n, causal).cuda()
@@ -172,6 +172,7 @@ def profile(n: int, causal: bool, mode: str = "eager") -> None:
         torch.cuda.synchronize()
     per_component = defaultdict(float)
     per_kernel = defaultdict(float)
+    launches = defaultdict(float)
     for evt in prof.key_averages():
         cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
         if evt.device_type != torch.autograd.DeviceType.CUDA or not cuda_us:
@@ -180,6 +181,7 @@ def profile(n: int, causal: bool, mode: str = "eager") -> None:
         component = next((c for c, pat in COMPONENTS if re.search(pat, name, re.I)), "elementwise/other")
         per_component[component] += cuda_us / 5
         per_kernel[name] += cuda_us / 5
+        launches[name] += evt.count / 5
     total = sum(per_component.values())
     print(f"\nprofile of the {'autoregressive' if causal else 'encoder'} block, n={n}, {mode}, fwd+bwd: CUDA time per step"
           " (a fused inductor kernel counts for the first component whose pattern its name matches)")
@@ -187,9 +189,10 @@ def profile(n: int, causal: bool, mode: str = "eager") -> None:
     for c, us in sorted(per_component.items(), key=lambda kv: -kv[1]):
         print(f"{c:<38} {us / 1e3:>7.3f} {us / total:>6.1%}")
     print(f"{'total GPU time':<38} {total / 1e3:>7.3f}")
-    print("\ntop kernels:")
-    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]:
-        print(f"  {us / 1e3:7.3f} ms  {name[:100]}")
+    print(f"{'kernel launches per step':<38} {sum(launches.values()):>7.0f}")
+    print(f"\ntop kernels ({top}): ms per step, launches per step, name")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {us / 1e3:7.3f} ms {launches[name]:4.0f}x  {name[:110]}")
 
 
 def host_profile(n: int) -> None:
@@ -227,8 +230,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
     parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled"])
+    parser.add_argument("--skip-dense", action="store_true", help="time only the routed block")
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")
     parser.add_argument("--profile-modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
+    parser.add_argument("--profile-top", type=int, default=25, help="kernels listed per profile")
     parser.add_argument("--host-profile", type=int, nargs="*", default=None, help="host cost of a step at these n")
     args = parser.parse_args()
     import triton
@@ -240,13 +245,13 @@ def main() -> None:
     if args.profile:
         for n in args.profile:
             for mode in args.profile_modes:
-                profile(n, causal=False, mode=mode)
+                profile(n, causal=False, mode=mode, top=args.profile_top)
     if args.profile or args.host_profile:
         return
     modes = args.modes
-    table(args.sizes, causal=False, modes=modes)
+    table(args.sizes, causal=False, modes=modes, skip_dense=args.skip_dense)
     if args.ar_sizes:
-        table(args.ar_sizes, causal=True, modes=modes)
+        table(args.ar_sizes, causal=True, modes=modes, skip_dense=args.skip_dense)
 
 
 if __name__ == "__main__":
