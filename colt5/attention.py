@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from colt5.local_attention import LocalMHA
 from colt5.rotary import RotaryEmbedding, apply_rotary
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs, route_together
 
 __all__ = ["heavy_attend", "ConditionalRoutedAttention"]
 
@@ -193,13 +193,15 @@ class ConditionalRoutedAttention(nn.Module):
         x = self.norm(x)
         out = self.light_attn(x, mask=mask) if self.light_attn is not None else torch.zeros_like(x)
 
+        # Both routers in one soft top-k and one pick when they can share them.
+        (q_idx, q_scores, q_tokens, q_mask), (kv_idx, kv_scores, kv_tokens, kv_mask) = route_together(
+            x, [(self.q_router, num_q, False), (self.kv_router, num_kv, True)], mask=mask
+        )
         # Queries: [b, kq, d] -> [b, h, kq, dh].
-        q_idx, q_scores, q_tokens, q_mask = self.q_router(x, num_tokens=num_q, mask=mask)
         kq = q_tokens.shape[1]
         q = self.to_q(q_tokens).view(b, kq, h, dh).transpose(1, 2)
 
         # Key-values: [b, r, kkv, d] -> k, v [b, r, hr, kkv, dh], each route by its own heads.
-        kv_idx, kv_scores, kv_tokens, kv_mask = self.kv_router(x, num_tokens=num_kv, mask=mask, keep_one_route_dim=True)
         kkv = kv_tokens.shape[2]
         w_kv = self.to_kv.weight.view(r, 2 * hr * dh, d)
         kv = torch.einsum("b r k d, r e d -> b r k e", kv_tokens, w_kv)

@@ -178,31 +178,44 @@ class Router(nn.Module):
     ) -> RouterReturn:
         check_tokens(x, getattr(self, "dim", None), mask)
         check_num_tokens(num_tokens)
-        b, n, d = x.shape
-        r = self.num_routing_tokens
-        squeeze = r == 1 and not keep_one_route_dim
-
+        n = x.shape[1]
         if n <= num_tokens:
-            tokens = x if squeeze else x.unsqueeze(1).expand(b, r, n, d)
-            routed_mask = mask if (mask is None or squeeze) else mask.unsqueeze(1).expand(b, r, n)
-            return RouterReturn(None, None, tokens, routed_mask)
+            return self._pass_all(x, mask, keep_one_route_dim)
 
-        scores = self.score(x, routing_tokens)  # [b, r, n]
-        if scores.shape != (b, r, n):
-            raise ValueError(f"{type(self).__name__}.score must return [b, r, n] = {(b, r, n)}, got {tuple(scores.shape)}")
-        route_mask = None if mask is None else mask.unsqueeze(1).expand(b, r, n)
-
+        scores = self._checked_score(x, routing_tokens)
+        route_mask = None if mask is None else mask.unsqueeze(1).expand(scores.shape)
         block = self.route_block_size
         if block is not None and block < n:
             indices, weights, picked_real = self._route_in_blocks(scores, route_mask, num_tokens, block, random_route)
         else:
             indices, weights, picked_real = self._route_rows(scores, route_mask, num_tokens, random_route)
+        return self._finish(x, indices, weights, picked_real if mask is not None or block is not None else None, keep_one_route_dim)
 
+    def _pass_all(self, x: Tensor, mask: Tensor | None, keep_one_route_dim: bool) -> RouterReturn:
+        """n <= num_tokens: every token passes, with weight 1."""
+        b, n, d = x.shape
+        r = self.num_routing_tokens
+        if r == 1 and not keep_one_route_dim:
+            return RouterReturn(None, None, x, mask)
+        routed_mask = None if mask is None else mask.unsqueeze(1).expand(b, r, n)
+        return RouterReturn(None, None, x.unsqueeze(1).expand(b, r, n, d), routed_mask)
+
+    def _checked_score(self, x: Tensor, routing_tokens: Tensor | None) -> Tensor:
+        b, n, _ = x.shape
+        scores = self.score(x, routing_tokens)
+        want = (b, self.num_routing_tokens, n)
+        if scores.shape != want:
+            raise ValueError(f"{type(self).__name__}.score must return [b, r, n] = {want}, got {tuple(scores.shape)}")
+        return scores
+
+    def _finish(
+        self, x: Tensor, indices: Tensor, weights: Tensor, routed_mask: Tensor | None, keep_one_route_dim: bool
+    ) -> RouterReturn:
+        """Picks [b, r, k] -> straight-through weights, gathered tokens, the r dim dropped if asked."""
         if self.straight_through:
             weights = weights + (1.0 - weights).detach()
         routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
-        routed_mask = picked_real if mask is not None or block is not None else None
-        if squeeze:
+        if self.num_routing_tokens == 1 and not keep_one_route_dim:
             indices, weights, routed_tokens = indices[:, 0], weights[:, 0], routed_tokens[:, 0]
             routed_mask = None if routed_mask is None else routed_mask[:, 0]
         return RouterReturn(indices, weights, routed_tokens, routed_mask)
@@ -264,6 +277,48 @@ class Router(nn.Module):
         if indices.dim() == 2:
             indices, routed_out = indices.unsqueeze(1), routed_out.unsqueeze(1)
         return scatter_tokens(out, routed_out, indices)
+
+
+def route_together(
+    x: Tensor, requests: list[tuple[Router, int, bool]], *, mask: Tensor | None = None
+) -> list[RouterReturn]:
+    """Route x through several routers at once: `[router(x, num_tokens=k, mask=mask,
+    keep_one_route_dim=keep) for router, k, keep in requests]`, same results.
+
+    Each soft top-k and each pick is a chain of small dependent steps on one row that leaves most
+    of a GPU idle, so routers that can share them (same pipeline, schedule, backend and token
+    count; no route blocks) stack their score rows and run one soft top-k and one pick for all:
+    the attention layer's query and key-value routers, for example. Others route one by one.
+    """
+    routers = [router for router, _, _ in requests]
+    first, num_tokens = routers[0], requests[0][1]
+    n = x.shape[1]
+    if not (len(requests) > 1 and n > num_tokens and all(_shares_routing(first, r) for r in routers)
+            and all(k == num_tokens for _, k, _ in requests)):
+        return [router(x, num_tokens=k, mask=mask, keep_one_route_dim=keep) for router, k, keep in requests]
+    for router in routers:
+        check_tokens(x, getattr(router, "dim", None), mask)
+    check_num_tokens(num_tokens)
+    scores = torch.cat([router._checked_score(x, None) for router in routers], dim=1)  # [b, sum r, n]
+    route_mask = None if mask is None else mask.unsqueeze(1).expand(scores.shape)
+    picks = first._route_rows(scores, route_mask, num_tokens, random_route=False)
+    sizes = [router.num_routing_tokens for router in routers]
+    results = []
+    for (router, _, keep), indices, weights, real in zip(requests, *(p.split(sizes, dim=1) for p in picks)):
+        results.append(router._finish(x, indices, weights, real if mask is not None else None, keep))
+    return results
+
+
+def _shares_routing(a: Router, b: Router) -> bool:
+    """b routes like a, but for its scores: rows of both can go through one soft top-k and pick."""
+    shared = ("forward", "soft_top_k", "pick", "_route_rows")
+    return (
+        all(getattr(type(b), name) is getattr(Router, name) for name in shared)
+        and a.route_block_size is None and b.route_block_size is None
+        and (a.n_iters, a.eps, a.eps_init, a.eps_decay, a.fetch_k_ratio, a.backend)
+        == (b.n_iters, b.eps, b.eps_init, b.eps_decay, b.fetch_k_ratio, b.backend)
+        and not getattr(b, "learned_routing_tokens", False)
+    )
 
 
 class CoordinateDescentRouter(Router):

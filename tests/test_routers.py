@@ -9,7 +9,7 @@ from torch import nn
 
 from colt5.feedforward import ConditionalRoutedFeedForward
 from colt5.kernels import coor_descent
-from colt5.routers import CoordinateDescentRouter, Router, gather_tokens, scatter_tokens
+from colt5.routers import CoordinateDescentRouter, Router, gather_tokens, route_together, scatter_tokens
 from conftest import assert_close
 
 
@@ -330,3 +330,47 @@ def test_use_triton_matches_reference(routes):
     a.scores.sum().backward()
     c.scores.sum().backward()
     assert_close(tri.routing_token.grad, ref.routing_token.grad, 1e-4, "triton vs reference grad")
+
+
+def _by_position(ret):
+    """A RouterReturn's picks reordered by position (routers promise no order)."""
+    idx, order = ret.indices.sort(-1)
+    tokens = ret.routed_tokens.gather(-2, order.unsqueeze(-1).expand(ret.routed_tokens.shape))
+    return idx, ret.scores.gather(-1, order), tokens, ret.routed_mask.gather(-1, order)
+
+
+class PickOverride(CoordinateDescentRouter):
+    def pick(self, rank, num_tokens, mask):
+        return super().pick(rank, num_tokens, mask)
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["reference", "triton"])
+@pytest.mark.parametrize("case", ["shared", "other-k", "other-schedule", "pick-override"])
+def test_route_together_matches_routing_one_by_one(monkeypatch, use_triton, case):
+    gen = torch.Generator().manual_seed(12)
+    b, n, d, k = 2, 40, 8, 6
+    q = CoordinateDescentRouter(d, use_triton=use_triton, eps=0.2)
+    kv_cls = PickOverride if case == "pick-override" else CoordinateDescentRouter
+    kv = kv_cls(d, num_routing_tokens=3, use_triton=use_triton, eps=0.3 if case == "other-schedule" else 0.2)
+    k_kv = k + 1 if case == "other-k" else k
+    x = torch.randn(b, n, d, generator=gen, requires_grad=True)
+    mask = random_mask(b, n, k + 1, gen)
+
+    calls = []
+    original = Router.soft_top_k
+    monkeypatch.setattr(Router, "soft_top_k", lambda self, *a: calls.append(a[0].shape) or original(self, *a))
+    together = route_together(x, [(q, k, False), (kv, k_kv, True)], mask=mask)
+    # one soft top-k over all four rows when the routers can share it, else one per router
+    assert calls == ([(b, 4, n)] if case == "shared" else [(b, 1, n), (b, 3, n)])
+    apart = [q(x, num_tokens=k, mask=mask), kv(x, num_tokens=k_kv, mask=mask, keep_one_route_dim=True)]
+
+    for got, want in zip(together, apart):
+        assert got.indices.shape == want.indices.shape
+        (gi, gs, gt, gm), (wi, ws, wt, wm) = _by_position(got), _by_position(want)
+        assert torch.equal(gi, wi) and torch.equal(gm, wm)
+        assert_close(gs.detach(), ws.detach(), 1e-5, "scores together vs apart")
+        assert_close(gt.detach(), wt.detach(), 1e-6, "tokens together vs apart")
+    loss = lambda rets: sum((r.scores * r.routed_tokens.sum(-1)).sum() for r in rets)  # noqa: E731
+    params = [x, q.routing_token, kv.routing_token]
+    for a, c in zip(torch.autograd.grad(loss(together), params), torch.autograd.grad(loss(apart), params)):
+        assert_close(a, c, 1e-4, "gradients together vs apart")
