@@ -2,6 +2,7 @@
 
     python benchmarks/block.py                 # table: eager and compiled, fwd+bwd and fwd
     python benchmarks/block.py --modes eager compiled graphs   # graphs: compile + CUDA graphs
+    python benchmarks/block.py --modes captured  # compile, the whole step in one CUDA graph
     python benchmarks/block.py --profile 32768 # per-component CUDA time of the routed block
 
 Configuration (issue 6): batch 1, dim 512, light and heavy attention 8 heads x 64, light window
@@ -60,6 +61,8 @@ def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
     """Median ms of fwd+bwd and of fwd (no_grad), and peak GiB of one fwd+bwd."""
     from triton.testing import do_bench
 
+    if mode == "captured":
+        return measure_captured(block, n)
     # graphs = inductor plus CUDA graphs: replays hide the per-kernel host cost that bounds the
     # small sizes (see RESULTS.md: the eager step at 32k is 14 ms for 4.8 ms of GPU time).
     fn = {"eager": block, "compiled": torch.compile(block), "graphs": torch.compile(block, mode="reduce-overhead")}[mode]
@@ -96,6 +99,32 @@ def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
     t_fb = do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=params, return_mode="median")
     t_f = do_bench(fwd, warmup=50, rep=300, return_mode="median")
     return {"fwd_bwd": t_fb, "fwd": t_f, "peak": peak}
+
+
+def measure_captured(block: torch.nn.Module, n: int) -> dict[str, float]:
+    """`measure` for the inductor-compiled block with the whole step (forward and backward, or
+    forward alone) captured in one CUDA graph by hand: the GPU's time, free of the host's
+    per-step cost, which moves reduce-overhead's figures from one host to the next."""
+    from timing import graph_us
+
+    compiled = torch.compile(block)
+    x = torch.randn(1, n, DIM, device="cuda")
+
+    def fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = compiled(x)
+        out.float().sum().backward()
+
+    def fwd():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            compiled(x)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t_fb = graph_us(fwd_bwd, tuple(block.parameters())) / 1e3
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30  # warm-up and the graph's pool
+    return {"fwd_bwd": t_fb, "fwd": graph_us(fwd) / 1e3, "peak": peak}
 
 
 def safe_measure(make, n, mode):
@@ -229,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled"])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs", "captured"], default=["eager", "compiled"])
     parser.add_argument("--skip-dense", action="store_true", help="time only the routed block")
     parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")
     parser.add_argument("--profile-modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
