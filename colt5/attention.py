@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from colt5.local_attention import LocalMHA
 from colt5.rotary import RotaryEmbedding, apply_rotary
+from colt5.precision import to_autocast_dtype
 from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs, route_together
 
 __all__ = ["heavy_attend", "ConditionalRoutedAttention"]
@@ -190,7 +191,7 @@ class ConditionalRoutedAttention(nn.Module):
         r, h, dh = self.num_routed_kv, self.heavy_heads, self.heavy_dim_head
         hr = h // r
 
-        x = self.norm(x)
+        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
         out = self.light_attn(x, mask=mask) if self.light_attn is not None else torch.zeros_like(x)
 
         # Both routers in one soft top-k and one pick when they can share them.

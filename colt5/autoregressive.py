@@ -30,6 +30,7 @@ from colt5.causal_routing import CausalCoordinateDescentRouter
 from colt5.feedforward import FeedForward
 from colt5.local_attention import LocalMHA
 from colt5.rotary import RotaryEmbedding, apply_rotary
+from colt5.precision import to_autocast_dtype
 from colt5.routers import check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = [
@@ -148,7 +149,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         cq = self.num_heavy_tokens_q if num_heavy_tokens_q is None else _check_capacity(num_heavy_tokens_q, W, "num_heavy_tokens_q")
         ckv = self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else _check_capacity(num_heavy_tokens_kv, W, "num_heavy_tokens_kv")
 
-        x = self.norm(x)
+        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
         light = self.light_attn(x)
         heavy = self._heavy(x, cq, ckv, random_route)
         return light + heavy
@@ -236,7 +237,7 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         check_tokens(x, self.dim, None)
         W = self.heavy_window_size
         c = self.num_heavy_tokens if num_heavy_tokens is None else _check_capacity(num_heavy_tokens, W, "num_heavy_tokens")
-        x = self.norm(x)
+        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
         light = self.light_ff(x)
         indices, scores, routed, routed_mask = self.router(x, num_tokens=c, random_route=random_route)
         heavy = self.heavy_ff(routed) * scores.unsqueeze(-1).to(light.dtype)

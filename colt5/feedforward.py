@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from colt5.precision import to_autocast_dtype
 from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["FeedForward", "ConditionalRoutedFeedForward"]
@@ -90,7 +91,7 @@ class ConditionalRoutedFeedForward(nn.Module):
         num_heavy_tokens = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
         check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
 
-        x = self.norm(x)
+        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
         light = self.light_ff(x)
         indices, scores, routed, routed_mask = self.router(x, num_tokens=num_heavy_tokens, mask=mask)
         heavy = self.heavy_ff(routed)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from colt5.feedforward import FeedForward, _hidden_dim
+from colt5.precision import to_autocast_dtype
 from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["ConditionalRoutedMoEFeedForward", "ExpertLoad", "expert_load"]
@@ -112,7 +113,7 @@ class ConditionalRoutedMoEFeedForward(nn.Module):
         check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
         b, n, _ = x.shape
 
-        x = self.norm(x)
+        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
         light = self.light_ff(x)
         indices, scores, routed, routed_mask = self.router(x, num_tokens=num_heavy_tokens, mask=mask, keep_one_route_dim=True)
         heavy = self.experts(routed)

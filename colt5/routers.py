@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from colt5.kernels import coor_descent, top_k_indices
 from colt5.kernels.checks import check_schedule
+from colt5.precision import fp32_scores
 
 # Longest row the routers hand to the Triton radix select (see Router.pick).
 SELECT_MAX_N = 16384
@@ -209,12 +210,15 @@ class Router(nn.Module):
         return scores
 
     def _finish(
-        self, x: Tensor, indices: Tensor, weights: Tensor, routed_mask: Tensor | None, keep_one_route_dim: bool
+        self, x: Tensor, indices: Tensor, weights: Tensor, routed_mask: Tensor | None, keep_one_route_dim: bool,
+        routed_tokens: Tensor | None = None,
     ) -> RouterReturn:
-        """Picks [b, r, k] -> straight-through weights, gathered tokens, the r dim dropped if asked."""
+        """Picks [b, r, k] -> straight-through weights, gathered tokens (unless given), the r dim
+        dropped if asked."""
         if self.straight_through:
             weights = weights + (1.0 - weights).detach()
-        routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
+        if routed_tokens is None:
+            routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
         if self.num_routing_tokens == 1 and not keep_one_route_dim:
             indices, weights, routed_tokens = indices[:, 0], weights[:, 0], routed_tokens[:, 0]
             routed_mask = None if routed_mask is None else routed_mask[:, 0]
@@ -301,11 +305,13 @@ def route_together(
     check_num_tokens(num_tokens)
     scores = torch.cat([router._checked_score(x, None) for router in routers], dim=1)  # [b, sum r, n]
     route_mask = None if mask is None else mask.unsqueeze(1).expand(scores.shape)
-    picks = first._route_rows(scores, route_mask, num_tokens, random_route=False)
+    indices, weights, real = first._route_rows(scores, route_mask, num_tokens, random_route=False)
+    # One gather for all (its backward is one zero-filled [b, n, d] gradient, not one per router).
+    picks = (indices, weights, real, gather_tokens(x, indices))
     sizes = [router.num_routing_tokens for router in routers]
     results = []
-    for (router, _, keep), indices, weights, real in zip(requests, *(p.split(sizes, dim=1) for p in picks)):
-        results.append(router._finish(x, indices, weights, real if mask is not None else None, keep))
+    for (router, _, keep), indices, weights, real, tokens in zip(requests, *(p.split(sizes, dim=1) for p in picks)):
+        results.append(router._finish(x, indices, weights, real if mask is not None else None, keep, tokens))
     return results
 
 
@@ -380,17 +386,5 @@ class CoordinateDescentRouter(Router):
         if self.cosine_sim_routing:
             x = F.normalize(x, dim=-1)
             routing_tokens = F.normalize(routing_tokens, dim=-1)
-        # fp32 scores (fp64 for fp64 x), whatever autocast says: every route in one op. Under
-        # torch.compile a product and a sum over d, which inductor fuses into the LayerNorm that
-        # made x (as three bf16 GEMVs they took 0.19 ms of the 32k block's 3.1 ms of GPU time,
-        # H100); eager keeps one matmul (the product would materialise [b, r, n, d]).
-        with torch.autocast(x.device.type, enabled=False):
-            dtype = torch.promote_types(x.dtype, torch.float32)
-            x, routing_tokens = x.to(dtype), routing_tokens.to(dtype)
-            if torch.compiler.is_compiling():
-                scores = (x.unsqueeze(1) * routing_tokens.unsqueeze(-2)).sum(-1)
-            elif routing_tokens.dim() == 2:
-                scores = torch.einsum("b n d, r d -> b r n", x, routing_tokens)
-            else:
-                scores = torch.einsum("b n d, b r d -> b r n", x, routing_tokens)
+        scores = fp32_scores(x, routing_tokens)
         return scores * self.cosine_sim_scale if self.cosine_sim_routing else scores
