@@ -16,9 +16,9 @@ for stage in "$@"; do
     overhead) run overhead python3 benchmarks/coor_descent_overhead.py ;;
     tests) COLT5_GPU_TESTS=1 TAIL=15 run tests python3 -m pytest -q tests/test_coor_descent_gpu.py tests/test_local_attention.py ;;
     coor) run coor python3 benchmarks/coor_descent.py ;;
-    block) run block python3 benchmarks/block.py --sizes ${BLOCK_SIZES:-8192 16384 32768 65536 131072} --ar-sizes ${AR_SIZES:-8192 32768} --modes ${BLOCK_MODES:-eager compiled graphs} ;;
+    block) run block python3 benchmarks/block.py --sizes ${BLOCK_SIZES:-8192 16384 32768 65536 131072} --ar-sizes ${AR_SIZES:-8192 32768} --modes ${BLOCK_MODES:-eager graphs captured} ;;
     variants) run variants python3 benchmarks/variants_gpu.py ;;
-    arblock) run arblock python3 benchmarks/block.py --sizes --ar-sizes 8192 32768 --modes eager compiled ;;
+    arblock) run arblock python3 benchmarks/block.py --sizes --ar-sizes 8192 32768 --modes eager graphs captured ;;
     profile) TAIL=60 run profile python3 benchmarks/block.py --profile 32768 --profile-modes eager compiled ;;
     host) TAIL=120 run host python3 benchmarks/block.py --host-profile ${HOST_SIZES:-8192} ;;
     local) run local python3 benchmarks/local_attention.py ;;
