@@ -294,15 +294,16 @@ def route_together(
     count; no route blocks) stack their score rows and run one soft top-k and one pick for all:
     the attention layer's query and key-value routers, for example. Others route one by one.
     """
+    if not requests:
+        raise ValueError("requests must name at least one (router, num_tokens, keep_one_route_dim)")
+    for router, k, _ in requests:
+        check_tokens(x, getattr(router, "dim", None), mask)
+        check_num_tokens(k)
     routers = [router for router, _, _ in requests]
     first, num_tokens = routers[0], requests[0][1]
-    n = x.shape[1]
-    if not (len(requests) > 1 and n > num_tokens and all(_shares_routing(first, r) for r in routers)
+    if not (len(requests) > 1 and x.shape[1] > num_tokens and all(_shares_routing(first, r) for r in routers)
             and all(k == num_tokens for _, k, _ in requests)):
         return [router(x, num_tokens=k, mask=mask, keep_one_route_dim=keep) for router, k, keep in requests]
-    for router in routers:
-        check_tokens(x, getattr(router, "dim", None), mask)
-    check_num_tokens(num_tokens)
     scores = torch.cat([router._checked_score(x, None) for router in routers], dim=1)  # [b, sum r, n]
     route_mask = None if mask is None else mask.unsqueeze(1).expand(scores.shape)
     indices, weights, real = first._route_rows(scores, route_mask, num_tokens, random_route=False)

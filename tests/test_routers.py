@@ -374,3 +374,16 @@ def test_route_together_matches_routing_one_by_one(monkeypatch, use_triton, case
     params = [x, q.routing_token, kv.routing_token]
     for a, c in zip(torch.autograd.grad(loss(together), params), torch.autograd.grad(loss(apart), params)):
         assert_close(a, c, 1e-4, "gradients together vs apart")
+
+
+def test_route_together_bad_input():
+    q, kv = CoordinateDescentRouter(8), CoordinateDescentRouter(8, num_routing_tokens=2)
+    x = torch.randn(1, 10, 8)
+    with pytest.raises(ValueError, match="num_tokens must be >= 1"):
+        route_together(x, [(q, 0, False), (kv, 0, True)])
+    with pytest.raises(TypeError, match="num_tokens must be an int"):
+        route_together(x, [(q, "3", False), (kv, 3, True)])
+    with pytest.raises(ValueError, match="last dimension 8"):
+        route_together(torch.randn(1, 10, 4), [(q, 3, False), (kv, 3, True)])
+    with pytest.raises(ValueError, match="at least one"):
+        route_together(x, [])
