@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages: bash benchmarks/run_gpu_suite.sh STAGE...
-# Stages: overhead tests coor block arblock profile host local cross variants train ddp. Logs go to $OUT (or ./gpu-logs).
+# Stages: overhead tests coor block arblock profile memory host local cross variants train ddp. Logs go to $OUT (or ./gpu-logs).
 # Needs the carried wheels in .whl (local-attention and its deps) on a machine without network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ for stage in "$@"; do
     arblock) run arblock python3 benchmarks/block.py --sizes --ar-sizes 8192 32768 --modes eager graphs captured ;;
     profile) TAIL=60 run profile python3 benchmarks/block.py --profile 32768 --profile-modes eager compiled ;;
     host) TAIL=120 run host python3 benchmarks/block.py --host-profile ${HOST_SIZES:-8192} ;;
+    memory) run memory python3 benchmarks/block_memory.py ;;
     local) run local python3 benchmarks/local_attention.py ;;
     cross) run cross python3 benchmarks/cross_attention.py ;;
     train)
