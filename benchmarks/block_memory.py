@@ -15,6 +15,7 @@ import linecache
 from collections import defaultdict
 
 import torch
+import triton
 
 from block import DIM, dense_block, routed_block
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32768)
     parser.add_argument("--top", type=int, default=15, help="allocation sites listed per block")
     args = parser.parse_args()
-    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | n {args.n}")
+    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | n {args.n}")
     for name, make, compiled in (("ours", lambda: routed_block(args.n), False), ("ours", lambda: routed_block(args.n), True),
                                  ("dense", dense_block, True)):
         torch.manual_seed(0)
