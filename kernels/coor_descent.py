@@ -363,6 +363,9 @@ class _Plan:
     n_splits: int
     cooperative: bool
     num_warps: int
+    # n_splits rounded up to a power of 2, kept here: triton.next_power_of_2 costs ~4 us of
+    # host time per call (a ConstexprFunction), twice per eager step.
+    splits_p2: int
 
 
 @functools.lru_cache(maxsize=None)
@@ -403,7 +406,7 @@ def _make_plan(
         # 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7 vs 7.2 ms)
         # except in the cooperative split kernel (4 x 1M fwd 105 vs 126 us).
         num_warps = 4 if block_n <= 4096 else (16 if cooperative and block_n >= 16384 else 8)
-    return _Plan(block_n, split_len, n_splits, cooperative, num_warps)
+    return _Plan(block_n, split_len, n_splits, cooperative, num_warps, triton.next_power_of_2(n_splits))
 
 
 _launch_fwd = Launcher(_coor_descent_fwd_kernel)
@@ -445,7 +448,7 @@ def coor_descent_fwd(
              math.log(k), float(eps), float(eps_first), float(eps_decay)),
             dict(HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
                  BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
-                 SPLITS_P2=triton.next_power_of_2(plan.n_splits),
+                 SPLITS_P2=plan.splits_p2,
                  SPLIT=split, COOPERATIVE=plan.cooperative, WRITE_Y=write_y),
             plan.num_warps,
         )
@@ -457,19 +460,20 @@ def coor_descent_bwd(
     ga: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gradients from gy = dL/dy [rows, n] and/or ga = dL/da_T [rows] (None: no such gradient)
-    -> (ds [rows, n] in s.dtype, dk [rows] fp32, or an empty tensor when k is a number)."""
+    -> (ds [rows, n] in s.dtype, dk [rows] fp32, or None when k is a number)."""
     s = s.contiguous()
     gy = gy.contiguous() if gy is not None else None
     # a_T of a row with nothing valid is the constant 0: no gradient flows through it.
     ga = (ga * _has_valid(s, mask)).contiguous() if ga is not None else None
     rows, n = s.shape
     ds = torch.empty_like(s)
-    dk = torch.empty(rows if k_rows is not None else 0, device=s.device, dtype=torch.float32)
+    dk = torch.empty(rows, device=s.device, dtype=torch.float32) if k_rows is not None else None
     if _POISON:
         ds.fill_(float("nan"))
-        dk.fill_(float("nan"))
+        if dk is not None:
+            dk.fill_(float("nan"))
     if rows == 0 or n == 0:
-        return ds, dk.zero_()
+        return ds, (dk.zero_() if dk is not None else None)
     plan = _plan(rows, n, s.device)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
     k_arg = k_rows.contiguous() if k_rows is not None else stats
@@ -486,7 +490,7 @@ def coor_descent_bwd(
             dict(HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None,
                  HAS_GY=gy is not None, HAS_GA=ga is not None,
                  BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
-                 SPLITS_P2=triton.next_power_of_2(plan.n_splits), PHASE=phase),
+                 SPLITS_P2=plan.splits_p2, PHASE=phase),
             plan.num_warps,
         )
     return ds, dk
@@ -548,7 +552,8 @@ def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
 
 @torch.library.custom_op("colt5::coor_descent_bwd", mutates_args=(), schema=_BWD_SCHEMA)
 def _bwd_op(gy, s, mask, k_rows, stats, ga, n_iters):
-    return coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters, ga)
+    ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters, ga)
+    return ds, (dk if dk is not None else s.new_empty((0,), dtype=torch.float32))
 
 
 @_bwd_op.register_fake
@@ -660,8 +665,10 @@ def _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple:
     """The fwd op's arguments for [..., n] inputs: rows flattened, per-row k in fp32."""
     n = s.shape[-1]
     eps_first = max(eps_init if eps_init is not None else eps, eps)
-    s2 = s.reshape(-1, n)
-    mask2 = mask.reshape(-1, n) if mask is not None else None
+    # 2-D inputs go in as they are: a reshape, and the view back, would be two more autograd
+    # nodes for the engine to run in an eager backward that is already host-bound.
+    s2 = s if s.dim() == 2 else s.reshape(-1, n)
+    mask2 = mask if mask is None or mask.dim() == 2 else mask.reshape(-1, n)
     if isinstance(k, Tensor):
         k_rows, k_val = k.reshape(-1).to(device=s.device, dtype=torch.float32), 1.0
     else:
@@ -684,7 +691,7 @@ def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tenso
         y, _ = _fwd_op(*args)
     else:
         y = CoorDescentFunction.apply(*args)
-    return y.view(s.shape)
+    return y if s.dim() == 2 else y.view(s.shape)
 
 
 def _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple[Tensor, float]:

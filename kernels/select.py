@@ -114,7 +114,7 @@ def top_k_indices_triton(s: Tensor, mask: Tensor | None, k: int) -> Tensor:
         out.fill_(-1)
     if rows == 0:
         return out
-    block_n = _FORCE_BLOCK or min(MAX_REG_BLOCK, triton.next_power_of_2(n))
+    block_n = _FORCE_BLOCK or min(MAX_REG_BLOCK, 1 << (n - 1).bit_length())  # next power of 2
     # warps: <= 64 keys per thread; the two cumsums over a 32768-row need the 16 warps
     num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
