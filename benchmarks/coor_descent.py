@@ -111,10 +111,12 @@ def bench() -> None:
           f"torch {torch.__version__}, triton {triton.__version__}")
     print(f"n_iters={CONFIG['n_iters']} eps={CONFIG['eps']} eps_init={CONFIG['eps_init']} "
           f"eps_decay={CONFIG['eps_decay']} k=n/8, fp32; median us. eager: do_bench of the call "
-          "(host launch cost included); graph: replay of the call captured in a CUDA graph")
-    head = (f"{'rows x n':>13} | {'ref fwd':>7} {'ref f+b':>7} | {'fwd':>6} {'f+b':>6} | {'fwd':>6} {'f+b':>6} | "
+          "(host launch cost included); 1 thread: eager f+b with torch.autograd.set_multithreading_enabled(False)"
+          " (the backward on the calling thread, no hand-off to the engine's device thread); graph: replay of"
+          " the call captured in a CUDA graph")
+    head = (f"{'rows x n':>13} | {'ref fwd':>7} {'ref f+b':>7} | {'fwd':>6} {'f+b':>6} {'1 thr':>6} | {'fwd':>6} {'f+b':>6} | "
             f"{'target':>6} | {'floor':>5} {'eager/fl':>8} {'graph/fl':>8} | {'peak MB':>7} {'y+ds MB':>7}")
-    print(f"{'':>13} | {'reference':^15} | {'Triton, eager':^13} | {'Triton, graph':^13} | {'f+b':^6} |")
+    print(f"{'':>13} | {'reference':^15} | {'Triton, eager':^20} | {'Triton, graph':^13} | {'f+b':^6} |")
     print(head)
     for rows, n in SHAPES:
         torch.manual_seed(0)
@@ -133,6 +135,8 @@ def bench() -> None:
         for name, fn in (("ref", coor_descent_reference), ("tri", triton_coor_descent)):
             t[name, "f"] = us(fwd(fn))
             t[name, "fb"] = us(fwd_bwd(fn))
+        with torch.autograd.set_multithreading_enabled(False):
+            t["tri", "fb1"] = us(fwd_bwd(triton_coor_descent))
         t["graph", "f"] = graph_us(fwd(triton_coor_descent))
         t["graph", "fb"] = graph_us(lambda: triton_coor_descent(sg, k=k, **CONFIG).backward(g), (sg,))
         peak = peak_mb(fwd_bwd(triton_coor_descent))
@@ -142,15 +146,18 @@ def bench() -> None:
         target = RECOMPUTE_FWD_BWD_MS.get((rows, n))
         target = f"{target * 1e3 / 30:6.0f}" if target else f"{'-':>6}"
         print(f"{rows:>5} x {n:<7} | {t['ref', 'f']:7.0f} {t['ref', 'fb']:7.0f} | {t['tri', 'f']:6.1f} "
-              f"{t['tri', 'fb']:6.1f} | {t['graph', 'f']:6.1f} {t['graph', 'fb']:6.1f} | {target} | {floor:5.1f} "
+              f"{t['tri', 'fb']:6.1f} {t['tri', 'fb1']:6.1f} | {t['graph', 'f']:6.1f} {t['graph', 'fb']:6.1f} | {target} | {floor:5.1f} "
               f"{t['tri', 'f'] / floor:8.2f} {t['graph', 'f'] / floor:8.2f} | {peak:7.1f} {io_mb:7.1f}", flush=True)
         torch.cuda.empty_cache()
     x = torch.randn(16, 4096, device="cuda", requires_grad=True)
     gx = torch.randn_like(x)
     host_floor = us(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx))
+    with torch.autograd.set_multithreading_enabled(False):
+        host_floor_1 = us(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx))
     plain = us(lambda: torch.autograd.grad(x.exp(), x, gx))
     print(f"host floor of this machine, eager fwd+bwd of exp on 16 x 4096: {plain:.1f} us as a torch op, "
-          f"{host_floor:.1f} us as a Python autograd.Function (any eager Python-backward op pays this)")
+          f"{host_floor:.1f} us as a Python autograd.Function (any eager Python-backward op pays this), "
+          f"{host_floor_1:.1f} us so with the backward on the calling thread")
 
 
 if __name__ == "__main__":
