@@ -29,8 +29,8 @@ from colt5.attention import heavy_attend
 from colt5.causal_routing import CausalCoordinateDescentRouter
 from colt5.feedforward import FeedForward
 from colt5.local_attention import LocalMHA
-from colt5.rotary import RotaryEmbedding, apply_rotary
 from colt5.precision import to_autocast_dtype
+from colt5.rotary import RotaryEmbedding, apply_rotary
 from colt5.routers import check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = [

@@ -458,7 +458,7 @@ def coor_descent_fwd(
 def coor_descent_bwd(
     gy: Tensor | None, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor, n_iters: int,
     ga: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """Gradients from gy = dL/dy [rows, n] and/or ga = dL/da_T [rows] (None: no such gradient)
     -> (ds [rows, n] in s.dtype, dk [rows] fp32, or None when k is a number)."""
     s = s.contiguous()
