@@ -108,12 +108,8 @@ def measure_captured(block: torch.nn.Module, n: int) -> dict[str, float]:
     from timing import graph_us
 
     compiled = torch.compile(block)
+    fwd_bwd = bf16_step(compiled, n)
     x = torch.randn(1, n, DIM, device="cuda")
-
-    def fwd_bwd():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compiled(x)
-        out.float().sum().backward()
 
     def fwd():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

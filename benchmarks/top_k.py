@@ -12,7 +12,7 @@ import triton
 from colt5.kernels import top_k_indices
 from timing import graph_us, us
 
-SHAPES = [(1, 8192), (3, 8192), (3, 16384), (3, 32768), (1, 131072), (64, 4096), (1024, 1024)]
+SHAPES = [(1, 8192), (3, 8192), (1, 16384), (3, 16384), (1, 32768), (3, 32768), (1, 131072), (64, 4096), (1024, 1024)]
 
 
 def main():
