@@ -96,15 +96,25 @@ def pieces() -> None:
     consts = [fwd_kw[k] for k in ("HAS_MASK", "K_PER_ROW", "BLOCK_N", "SPLIT_LEN", "SPLITS_P2", "SPLIT", "COOPERATIVE", "WRITE_Y")]
     runner = compiled[(16, 1, 1)]
     stream = torch.cuda.current_stream().cuda_stream
+    ptr_args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in fwd_args)
+    key = ("fwd", plan, s.dtype, False, False, True, 20, True)
     rows = {
         "argument checks": lambda: check_coor_descent_args(s, n_iters=20, k=512.0, eps=0.03, eps_init=4.0, eps_decay=0.7, mask=None),
-        "torch.empty x2": lambda: (torch.empty_like(s), torch.empty((16, 5, 21), device="cuda")),
+        "torch.empty_like(s)": lambda: torch.empty_like(s),
+        "s.new_empty(stats shape, dtype=)": lambda: s.new_empty((16, 5, 21), dtype=torch.float32),
+        "torch.empty(shape, dtype=, device=)": lambda: torch.empty((16, 5, 21), dtype=torch.float32, device=s.device),
         "jit launch (fwd kernel)": jit,
-        "compiled-kernel launch": lambda: runner(*fwd_args, *consts, stream=stream),
+        "CompiledKernel[grid](...)": lambda: runner(*fwd_args, *consts, stream=stream),
+        "kernel.run, tensor args": lambda: compiled.run(16, 1, 1, stream, compiled.function, compiled.packed_metadata,
+                                                        None, None, None, *fwd_args, *consts),
+        "kernel.run, int pointers": lambda: compiled.run(16, 1, 1, stream, compiled.function, compiled.packed_metadata,
+                                                         None, None, None, *ptr_args, *consts),
+        "Launcher.keyed, kept kernel": lambda: cd._launch_fwd.keyed((key, 0), plan.grid, fwd_args, None),
         "fwd launcher": lambda: coor_descent_fwd(s, None, None, 512, 20, 0.03, 4.0, 0.7),
+        "bwd launcher": lambda: coor_descent_bwd(gy, s, None, None, stats, 20),
         "public fwd, no grad": lambda: cd_public(s, k=512, **KW),
         "public fwd, grad input": lambda: cd_public(sg, k=512, **KW),
-        "Function.apply fwd, grad": lambda: CoorDescentFunction.apply(sg, None, None, 512.0, 20, 0.03, 4.0, 0.7),
+        "Function.apply fwd, grad": lambda: CoorDescentFunction.apply(sg, None, None, (512.0, 20, 0.03, 4.0, 0.7)),
         "public f+b": lambda: torch.autograd.grad(cd_public(sg, k=512, **KW), sg, gy),
         "exp f+b": lambda: torch.autograd.grad(sg.exp(), sg, gy),
         "python Function exp f+b": lambda: torch.autograd.grad(ExpFunction.apply(sg), sg, gy),
@@ -112,9 +122,9 @@ def pieces() -> None:
     print("\npieces of the 16 x 4096 step (host us per call, then do_bench us):")
     for name, fn in rows.items():
         try:
-            print(f"  {name:<28} {host_us(fn):>8.1f} {us(fn):>8.1f}", flush=True)
+            print(f"  {name:<36} {host_us(fn):>8.1f} {us(fn):>8.1f}", flush=True)
         except Exception as err:  # an API difference in one row must not hide the others
-            print(f"  {name:<28} failed: {type(err).__name__}: {str(err)[:150]}")
+            print(f"  {name:<36} failed: {type(err).__name__}: {str(err)[:150]}")
 
 
 def backward_profile() -> None:
@@ -138,12 +148,13 @@ def backward_profile() -> None:
     cd = importlib.import_module("colt5.kernels.coor_descent")
     launcher, launch_wall, misses = cd._launch_bwd, [], []
 
-    def timed_launch(*args):
-        before = len(launcher.kernels)
-        t0 = time.perf_counter()
-        launcher(*args)
-        launch_wall.append(time.perf_counter() - t0)
-        misses.append(len(launcher.kernels) != before)
+    class TimedLauncher:
+        def keyed(self, *args):
+            before = len(launcher.kernels)
+            t0 = time.perf_counter()
+            launcher.keyed(*args)
+            launch_wall.append(time.perf_counter() - t0)
+            misses.append(len(launcher.kernels) != before)
 
     def plain_backward(ctx, gy):
         t0 = time.perf_counter()
@@ -151,7 +162,7 @@ def backward_profile() -> None:
         bwd_wall.append(time.perf_counter() - t0)
         return out
 
-    cd._launch_bwd, CoorDescentFunction.backward = timed_launch, staticmethod(plain_backward)
+    cd._launch_bwd, CoorDescentFunction.backward = TimedLauncher(), staticmethod(plain_backward)
     for _ in range(200):
         torch.autograd.grad(cd_public(s, k=512, **KW), s, gy)
     torch.cuda.synchronize()

@@ -6,19 +6,30 @@ H100 hosts we measured, against 8-16 us to launch the compiled kernel itself
 
 `Launcher` sends the first call of each specialization through the JIT (which compiles it and
 returns the CompiledKernel) and keeps that kernel under a key that is at least as fine as
-Triton's own specialization: tensor dtype and 16-byte alignment, integer width class, integers
-equal to 1 and divisible by 16, the constexprs, num_warps and the device. Later calls with the
-same key launch the kept kernel directly. Finer than Triton's key is safe (two keys may share a
-kernel); coarser would not be, which the GPU tests check against `JITFunction.warmup`.
+Triton's own specialization. Later calls with the same key launch the kept kernel directly.
+Finer than Triton's key is safe (two keys may share a kernel); coarser would not be, which the
+GPU tests check against `JITFunction.warmup`. Two ways to key:
+  * `launcher(grid, args, constexprs, num_warps)` builds the key from every argument (tensor
+    dtype and 16-byte alignment, integer width class, integers equal to 1 and divisible by 16,
+    the constexprs, num_warps);
+  * `launcher.keyed(key, grid, args, spec)` takes the caller's key, which must fix all of that
+    (shapes, dtypes, flags, alignment), and calls `spec()` for the constexprs and num_warps only
+    on a miss: the hot path then costs a dict lookup and the launch.
 Under the interpreter (CPU) every call goes through the JIT.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 from triton.runtime import driver
+
+try:  # triton >= 3.4
+    from triton import knobs
+except ImportError:  # pragma: no cover - older triton: no launch hooks to honour
+    knobs = None
 
 # Triton decides at decoration time whether @triton.jit functions are interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
@@ -41,6 +52,23 @@ def arg_key(arg) -> tuple:
     raise TypeError(f"Launcher: no specialization key for an argument of type {type(arg).__name__}")
 
 
+def aligned(*tensors) -> bool:
+    """Every tensor's data starts on a 16-byte boundary (what Triton specializes pointers on)."""
+    ptr = 0
+    for t in tensors:
+        ptr |= t.data_ptr()
+    return ptr % 16 == 0
+
+
+def _launch_hooks_set() -> bool:
+    """A profiler (e.g. proton) registered launch hooks: take the CompiledKernel's own runner,
+    which builds the metadata the hooks read."""
+    if knobs is None:
+        return False
+    enter, exit_ = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return bool(getattr(enter, "calls", enter) or getattr(exit_, "calls", exit_))  # a HookChain holds .calls
+
+
 class Launcher:
     """`Launcher(jit_fn)(grid, args, constexprs, num_warps)`: args are the runtime arguments in
     signature order, constexprs a dict of the constexpr arguments in signature order."""
@@ -60,13 +88,33 @@ class Launcher:
         if not ENABLED:
             self.fn[grid](*args, **constexprs, num_warps=num_warps)
             return
-        device = driver.active.get_current_device()
-        key = (device, num_warps, *constexprs.values(), *map(arg_key, args))
-        kernel = self.kernels.get(key)
-        if kernel is None:
-            if list(constexprs) != self._constexpr_names:
-                raise ValueError(f"constexprs must be {self._constexpr_names} in this order, got {list(constexprs)}")
-            self.kernels[key] = self.fn[grid](*args, **constexprs, num_warps=num_warps)
+        key = (num_warps, *constexprs.values(), *map(arg_key, args))
+        self.keyed(key, grid + (1,) * (3 - len(grid)), args, lambda: (constexprs, num_warps))
+
+    def keyed(self, key, grid: tuple[int, int, int], args: tuple, spec: Callable[[], tuple[dict, int]]):
+        """Launch with the caller's specialization key (see the module docstring) on a 3-D grid;
+        spec() -> (constexprs, num_warps) is called on a miss only."""
+        if not ENABLED:
+            constexprs, num_warps = spec()
+            self.fn[grid](*args, **constexprs, num_warps=num_warps)
             return
-        grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-        kernel[grid3](*args, *constexprs.values(), stream=driver.active.get_current_stream(device))
+        active = driver.active
+        device = active.get_current_device()
+        kept = self.kernels.get((device, key))
+        if kept is None or _launch_hooks_set():
+            self._through_jit(device, key, grid, args, *spec())
+            return
+        run, function, metadata, consts, n_ptrs, _kernel = kept
+        # What CompiledKernel[grid](...) does, minus the per-call closure and hook metadata; the
+        # leading tensors go as raw addresses (the launcher then skips a driver query per pointer).
+        run(grid[0], grid[1], grid[2], active.get_current_stream(device), function, metadata, None, None, None,
+            *[t.data_ptr() for t in args[:n_ptrs]], *args[n_ptrs:], *consts)
+
+    def _through_jit(self, device: int, key, grid: tuple, args: tuple, constexprs: dict, num_warps: int):
+        if list(constexprs) != self._constexpr_names:
+            raise ValueError(f"constexprs must be {self._constexpr_names} in this order, got {list(constexprs)}")
+        kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps)  # compiles; loads the binary
+        n_ptrs = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        # the CompiledKernel itself stays referenced: it owns the loaded module
+        self.kernels[device, key] = (kernel.run, kernel.function, kernel.packed_metadata,
+                                     tuple(constexprs.values()), n_ptrs, kernel)

@@ -94,6 +94,26 @@ def test_triton_matches_float64_reference(case, seeded):
         assert (y[list(empty)] == 0).all() and (grads[0][list(empty)] == 0).all()
 
 
+def test_forward_without_grad_skips_the_autograd_node(seeded):
+    """Inference (nothing requires grad, or no_grad) runs the launchers without an autograd
+    Function, with bitwise the values of the differentiable path."""
+    from colt5.kernels import coor_descent_offset
+
+    s = torch.randn(3, 50)
+    mask = torch.rand(3, 50) > 0.3
+    k = torch.rand(3) * 5 + 1
+    cfg = dict(n_iters=5, eps=0.1, eps_init=1.0, eps_decay=0.7, mask=mask)
+    y_grad = triton_coor_descent(s.clone().requires_grad_(), k=k, **cfg)
+    a_grad, _ = coor_descent_offset(s, k=k.clone().requires_grad_(), backend="triton", **cfg)
+    assert y_grad.grad_fn is not None and a_grad.grad_fn is not None
+    with torch.no_grad():
+        y_nograd = triton_coor_descent(s.clone().requires_grad_(), k=k, **cfg)
+    y_plain = triton_coor_descent(s, k=k, **cfg)
+    a_plain, _ = coor_descent_offset(s, k=k, backend="triton", **cfg)
+    for got, want in ((y_nograd, y_grad), (y_plain, y_grad), (a_plain, a_grad)):
+        assert got.grad_fn is None and torch.equal(got, want.detach())
+
+
 def test_library_op_path_and_opcheck(seeded):
     """The op torch.compile sees: same numbers in eager, and torch.library's own checks."""
     s = torch.randn(3, 40, requires_grad=True)
@@ -174,6 +194,7 @@ BAD = {
     "eps_decay-above-1": (dict(eps_decay=1.5), ValueError, "eps_decay"),
     "mask-shape": (dict(mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, "mask"),
     "mask-dtype": (dict(mask=torch.ones(2, 6)), TypeError, "mask"),
+    "mask-device": (dict(mask=torch.ones(2, 6, dtype=torch.bool, device="meta")), ValueError, "mask must be on"),
     "s-int": (dict(s=torch.ones(2, 6, dtype=torch.long)), TypeError, "s"),
     "s-not-tensor": (dict(s=[[1.0, 2.0]]), TypeError, "s"),
 }

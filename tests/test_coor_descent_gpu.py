@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from colt5.kernels import coor_descent, coor_descent_reference, triton_coor_descent
+from colt5.kernels import coor_descent, coor_descent_offset, coor_descent_reference, triton_coor_descent
 from conftest import TOLERANCES, assert_close, requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
@@ -128,8 +128,75 @@ def test_direct_launch_matches_the_jit(seeded, monkeypatch):
     monkeypatch.setattr(launch, "ENABLED", True)
     for launcher in (cd._launch_fwd, cd._launch_bwd):
         assert launcher.kernels, "no kernel was kept"
-        for key, kernel in launcher.kernels.items():
-            assert kernel is not None and key[0] == torch.cuda.current_device()
+        for key, kept in launcher.kernels.items():
+            assert kept[-1] is not None and key[0] == torch.cuda.current_device()
+
+
+def _keyed_calls(monkeypatch) -> list:
+    """Record every Launcher.keyed call (launcher, key, grid, args, spec) from now on."""
+    launch = importlib.import_module("colt5.kernels.launch")
+    calls, original = [], launch.Launcher.keyed
+
+    def recording(self, key, grid, args, spec):
+        calls.append((self, key, grid, args, spec))
+        return original(self, key, grid, args, spec)
+
+    monkeypatch.setattr(launch.Launcher, "keyed", recording)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_coor_descent_keys_pick_the_jits_kernel(dtype, seeded, monkeypatch):
+    """coor_descent keys its launches itself (plan, dtypes, flags, alignment, step or phase):
+    for every launch, the kept kernel of its key is the one Triton's JIT compiles for its
+    arguments. Misaligned storage, masks, per-row k, split rows (cooperative and one launch per
+    iteration), streamed rows, and the offset's backward with and without gy."""
+    calls = _keyed_calls(monkeypatch)
+    for rows, n, offset, force in ((3, 1000, 0, {}), (3, 1000, 1, {}), (2, 40000, 3, {}), (2, 40000, 0, {}),
+                                   (2, 40000, 0, {"cooperative": False}), (5, 3000, 0, {"block_n": 256})):
+        cd._FORCE.clear()
+        cd._FORCE.update(force)
+        flat = torch.randn(rows * n + offset, device="cuda").to(dtype)
+        s = flat[offset:].view(rows, n).requires_grad_()
+        for mask, k in ((None, n / 8), (torch.rand(rows, n, device="cuda") > 0.2,
+                                        (torch.rand(rows, device="cuda") * n / 4 + 1).requires_grad_())):
+            y = triton_coor_descent(s, k=k, mask=mask, **CONFIG)
+            a, _ = coor_descent_offset(s, k=k, mask=mask, backend="triton", **CONFIG)
+            torch.autograd.grad(y.float().sum() + a.sum(), s)  # a backward with gy, one with ga
+            args = cd._launch_args(s.detach(), CONFIG["n_iters"], k, CONFIG["eps"], CONFIG["eps_init"],
+                                   CONFIG["eps_decay"], mask)
+            _, stats = cd.coor_descent_fwd(*args)
+            cd.coor_descent_bwd(torch.randn_like(s), args[0], args[1], args[2], stats, CONFIG["n_iters"],
+                                torch.randn(rows, device="cuda"))  # gy and ga in one backward
+    assert {key[0][1].cooperative for _, key, *_ in calls} == {False, True}
+    for launcher, key, grid, args, spec in calls:
+        constexprs, num_warps = spec()
+        kept = launcher.kernels[torch.cuda.current_device(), key][-1]
+        jit = launcher.fn.warmup(*args, grid=grid, **constexprs, num_warps=num_warps)
+        if kept is not jit:
+            diff = {name: (getattr(kept.src, name), getattr(jit.src, name))
+                    for name in ("attrs", "signature", "constants") if getattr(kept.src, name) != getattr(jit.src, name)}
+            meta = {f: (getattr(kept.metadata, f), getattr(jit.metadata, f)) for f in kept.metadata._fields
+                    if f not in ("hash", "name") and getattr(kept.metadata, f) != getattr(jit.metadata, f)}
+            pytest.fail(f"{key}: src differs {diff}; metadata differs {meta}; grid {grid}; "
+                        f"ptrs % 16 {[a.data_ptr() % 16 for a in args if isinstance(a, torch.Tensor)]}")
+
+
+def test_barrier_counters_are_left_at_zero(seeded):
+    """Cooperative launches leave their rows' barrier counters at 0 (nothing re-zeroes them),
+    and repeated calls give bitwise the same forward and backward."""
+    s = torch.randn(4, 70000, device="cuda", requires_grad=True)
+    k = (torch.rand(4, device="cuda") * 1000 + 10).requires_grad_()
+    g = torch.randn_like(s)
+    assert cd._plan(4, 70000, s.device).cooperative
+    results = []
+    for _ in range(3):
+        y = triton_coor_descent(s, k=k, **CONFIG)
+        a, _ = coor_descent_offset(s, k=k, backend="triton", **CONFIG)
+        results.append((y, a, *torch.autograd.grad((y * g).sum() + a.sum(), (s, k))))
+        assert cd._COUNTERS and all((c == 0).all() for c in cd._COUNTERS.values())
+    for first, later in zip(results[0], results[2]):
+        assert torch.equal(first, later)
 
 
 def test_launcher_key_is_no_coarser_than_triton(seeded):
