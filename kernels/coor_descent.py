@@ -82,12 +82,18 @@ def _count_max(s):
 
 
 @triton.jit
+def _add_pair(u0, c0, u1, c1):
+    return u0 + u1, c0 + c1
+
+
+@triton.jit
 def _mass(s, neg_a, M, c):
     """Unclamped mass U = sum exp2((s - M) c) over s <= -a, and the clamped count C; every
-    clamped position has the same weight exp2((-a - M) c), so S = U + C * that."""
+    clamped position has the same weight exp2((-a - M) c), so S = U + C * that. One reduction
+    of the pair: a program's warps meet once per iteration instead of twice."""
     clamped = s > neg_a
     x = tl.where(clamped, float("-inf"), (s - M) * c)
-    return tl.sum(tl.exp2(x), axis=0), tl.sum(clamped.to(tl.float32), axis=0)
+    return tl.reduce((tl.exp2(x), clamped.to(tl.float32)), 0, _add_pair)
 
 
 @triton.jit
@@ -439,10 +445,12 @@ def _make_plan(
     n_splits = triton.cdiv(n, split_len)
     cooperative = cooperative and n_splits > 1 and device.type == "cuda" and not INTERPRET and rows * n_splits <= sms
     if num_warps is None:
-        # H100, do_bench (benchmarks/NOTES-coor_descent.md): 4 warps best up to 4096 elements;
-        # 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7 vs 7.2 ms)
-        # except in the cooperative split kernel (4 x 1M fwd 105 vs 126 us).
-        num_warps = 4 if block_n <= 4096 else (16 if cooperative and block_n >= 16384 else 8)
+        # H100, CUDA-graph f+b (scratch-free sweep in benchmarks/NOTES-coor_descent.md): 2 warps
+        # at <= 1024 elements per program (1024 x 1024: 36.6 vs 45.6 us at 4), 8 at 4096-8192
+        # (16 x 4096: 29.3 vs 37.2 at 4; 256 x 8192: 65.4 vs 69.2; split rows of 4096 per program
+        # 52-57 vs 59-62); 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7
+        # vs 7.2 ms) except in the cooperative split kernel (4 x 1M fwd 105 vs 126 us).
+        num_warps = 2 if block_n <= 1024 else 4 if block_n <= 2048 else (16 if cooperative and block_n >= 16384 else 8)
     return _Plan(rows, n, block_n, split_len, n_splits, cooperative, num_warps, triton.next_power_of_2(n_splits))
 
 
@@ -718,7 +726,7 @@ def triton_coor_descent(
 
 
 def _check_triton_device(s: Tensor, name: str) -> None:
-    if s.device.type != "cuda" and not INTERPRET:
+    if not s.is_cuda and not INTERPRET:
         raise RuntimeError(
             f"{name} needs a CUDA tensor, or TRITON_INTERPRET=1 set in the environment "
             f"before colt5 is imported to run the Triton kernels on {s.device.type}; got s on "
