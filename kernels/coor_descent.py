@@ -22,8 +22,7 @@ Rows of few programs' worth of work are split over several programs that exchang
 partial sums (count/max, then unclamped mass U and clamped count C) through a small buffer:
   * cooperative (CUDA only, grid <= SM count so every program is resident): one launch, the
     programs of a row meet at a spin barrier on a per-row counter after each iteration (and
-    the backward's programs once, to add up abar_T). The counters are kept between calls:
-    the last program out of a launch sets its row's counter back to 0;
+    the backward's programs once, to add up abar_T);
   * multi-launch (everywhere, and the only split path the interpreter runs, since it executes
     programs one after another): launch t finishes iteration t - 1 from the partials and writes
     the partials of iteration t (the backward: phase 1 partial abar_T, phase 2 the rest). No
@@ -41,7 +40,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime import driver
 
 from .checks import check_coor_descent_args, eps_schedule
 from .launch import INTERPRET, Launcher, aligned
@@ -109,15 +107,6 @@ def _arrive_and_wait(counter, target):
         arrived = tl.atomic_add(counter, 0, sem="acquire")
         spins += 1
     tl.debug_barrier()
-
-
-@triton.jit
-def _leave(counter, total):
-    """Count this program out after its last barrier; the last of the row's `total` arrivals
-    and departures sets the counter back to 0, so the buffer needs no zeroing before the next
-    launch (every program has stopped reading it by then)."""
-    if tl.atomic_add(counter, 1, sem="relaxed") == total - 1:
-        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
@@ -256,8 +245,6 @@ def _coor_descent_fwd_kernel(
                         tl.store(y_row + off + offs, y.to(y_ptr.dtype.element_ty), mask=off + offs < hi)
         e_prev = e_cur
         e_cur = tl.maximum(e_cur * eps_decay, eps)
-    if COOPERATIVE:
-        _leave(sync_ptr + row, n_splits * (n_iters + 1))
 
 
 @triton.jit
@@ -348,7 +335,6 @@ def _coor_descent_bwd_kernel(
         # the same sum, in the same order, as phase 2's
         abar_T = tl.sum(tl.load(part_ptr + row * n_splits + sidx, mask=sidx < n_splits, other=0.0, volatile=True),
                         axis=0)
-        _leave(sync_ptr + row, 2 * n_splits)
     if PHASE != 1:
         if HAS_GA:
             # once per row: phase 2 sums the partials of direct alone (a row without gy runs
@@ -461,22 +447,6 @@ _launch_fwd = Launcher(_coor_descent_fwd_kernel)
 _launch_bwd = Launcher(_coor_descent_bwd_kernel)
 
 
-# Arrival counters of the cooperative barriers, one per row, per (device, stream): zeroed once;
-# every cooperative launch leaves them at 0 again (`_leave`), which saves a memset launch per
-# call. Per stream, so that launches running side by side on two streams never share one.
-_COUNTERS: dict = {}
-
-
-def _barrier_counters(s: Tensor) -> Tensor:
-    device = s.get_device()
-    key = (device, driver.active.get_current_stream(device))
-    counters = _COUNTERS.get(key)
-    if counters is None:
-        # a cooperative grid has at most one program per SM, so at most that many rows
-        counters = _COUNTERS[key] = torch.zeros(_num_sms(s.device), device=s.device, dtype=torch.int32)
-    return counters
-
-
 def coor_descent_fwd(
     s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
     eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True,
@@ -500,7 +470,8 @@ def coor_descent_fwd(
     mask_arg = mask.contiguous().view(torch.uint8) if has_mask else s
     k_arg = k_rows.contiguous() if k_per_row else stats
     part = s.new_empty((rows, n_iters + 1, plan.n_splits, 2), dtype=torch.float32) if split else stats
-    sync = _barrier_counters(s) if plan.cooperative else stats
+    # arrival counters of the cooperative barrier, one per row
+    sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if plan.cooperative else stats
     key = ("fwd", plan, s.dtype, has_mask, k_per_row, write_y, n_iters, aligned(s, mask_arg, k_arg))
 
     def spec():
@@ -551,7 +522,7 @@ def coor_descent_bwd(
         phases = (3,) if plan.cooperative else (1, 2)
     # Per-split partial sums of abar_T, exchanged between phases 1 and 2 only.
     part = s.new_empty((rows, plan.n_splits), dtype=torch.float32) if phases != (0,) else stats
-    sync = _barrier_counters(s) if phases == (3,) else stats
+    sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if phases == (3,) else stats
     key = ("bwd", plan, s.dtype, gy.dtype, has_mask, k_per_row, has_gy, has_ga, n_iters,
            aligned(s, gy, mask_arg, k_arg, ga))
     args = (gy, s, mask_arg, k_arg, stats, part, sync, ga, ds, dk if k_per_row else stats, n, plan.n_splits, n_iters)
