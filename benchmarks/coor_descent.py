@@ -79,9 +79,10 @@ def check() -> None:
 
 
 def tune() -> None:
-    """Forward / forward+backward times of forced launch plans, to pick the heuristics."""
+    """Forward / forward+backward GPU times (CUDA-graph replay) of forced launch plans, to pick
+    the heuristics."""
     cd = importlib.import_module("colt5.kernels.coor_descent")
-    variants = [{}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16},
+    variants = [{}, {"num_warps": 1}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16},
                 {"split_len": 2048}, {"split_len": 8192}, {"split_len": 32768}, {"cooperative": False}]
     for rows, n in SHAPES:
         s = torch.randn(rows, n, device="cuda")
@@ -92,10 +93,9 @@ def tune() -> None:
                 continue
             cd._FORCE.clear()
             cd._FORCE.update(force)
-            f = do_bench(lambda: triton_coor_descent(s, k=n / 8, **CONFIG), return_mode="median") * 1e3
-            fb = do_bench(lambda: torch.autograd.grad(triton_coor_descent(sg, k=n / 8, **CONFIG), sg, g),
-                          return_mode="median") * 1e3
-            line.append(f"{','.join(f'{k[:5]}={v}' for k, v in force.items()) or 'default'}:{f:.0f}/{fb:.0f}")
+            f = graph_us(lambda: triton_coor_descent(s, k=n / 8, **CONFIG))
+            fb = graph_us(lambda: triton_coor_descent(sg, k=n / 8, **CONFIG).backward(g), (sg,))
+            line.append(f"{','.join(f'{k[:5]}={v}' for k, v in force.items()) or 'default'}:{f:.1f}/{fb:.1f}")
         print(f"tune {rows}x{n}: " + "  ".join(line))
     cd._FORCE.clear()
 

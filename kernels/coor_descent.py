@@ -431,7 +431,7 @@ def _make_plan(
     n_splits = triton.cdiv(n, split_len)
     cooperative = cooperative and n_splits > 1 and device.type == "cuda" and not INTERPRET and rows * n_splits <= sms
     if num_warps is None:
-        # H100, CUDA-graph f+b (scratch-free sweep in benchmarks/NOTES-coor_descent.md): 2 warps
+        # H100, CUDA-graph f+b (`coor_descent.py --tune`, benchmarks/NOTES-coor_descent.md): 2 warps
         # at <= 1024 elements per program (1024 x 1024: 36.6 vs 45.6 us at 4), 8 at 4096-8192
         # (16 x 4096: 29.3 vs 37.2 at 4; 256 x 8192: 65.4 vs 69.2; split rows of 4096 per program
         # 52-57 vs 59-62); 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7
