@@ -97,7 +97,7 @@ def pieces() -> None:
     runner = compiled[(16, 1, 1)]
     stream = torch.cuda.current_stream().cuda_stream
     ptr_args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in fwd_args)
-    key = ("fwd", plan, s.dtype, False, False, True, 20, True)
+    key = ("fwd", plan, s.dtype, torch.float32, False, False, True, 20, True)  # as coor_descent_fwd builds it
     rows = {
         "argument checks": lambda: check_coor_descent_args(s, n_iters=20, k=512.0, eps=0.03, eps_init=4.0, eps_decay=0.7, mask=None),
         "torch.empty_like(s)": lambda: torch.empty_like(s),

@@ -472,7 +472,7 @@ def coor_descent_fwd(
     part = s.new_empty((rows, n_iters + 1, plan.n_splits, 2), dtype=torch.float32) if split else stats
     # arrival counters of the cooperative barrier, one per row
     sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if plan.cooperative else stats
-    key = ("fwd", plan, s.dtype, has_mask, k_per_row, write_y, n_iters, aligned(s, mask_arg, k_arg))
+    key = ("fwd", plan, s.dtype, k_arg.dtype, has_mask, k_per_row, write_y, n_iters, aligned(s, mask_arg, k_arg))
 
     def spec():
         return dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
@@ -520,10 +520,10 @@ def coor_descent_bwd(
         phases = (0,)
     else:
         phases = (3,) if plan.cooperative else (1, 2)
-    # Per-split partial sums of abar_T, exchanged between phases 1 and 2 only.
+    # Per-split partial sums of abar_T, exchanged between phases 1 and 2 (or inside phase 3).
     part = s.new_empty((rows, plan.n_splits), dtype=torch.float32) if phases != (0,) else stats
     sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if phases == (3,) else stats
-    key = ("bwd", plan, s.dtype, gy.dtype, has_mask, k_per_row, has_gy, has_ga, n_iters,
+    key = ("bwd", plan, s.dtype, gy.dtype, k_arg.dtype, ga.dtype, has_mask, k_per_row, has_gy, has_ga, n_iters,
            aligned(s, gy, mask_arg, k_arg, ga))
     args = (gy, s, mask_arg, k_arg, stats, part, sync, ga, ds, dk if k_per_row else stats, n, plan.n_splits, n_iters)
     for phase in phases:
