@@ -184,6 +184,28 @@ def bench(rounds: int) -> None:
           f"{host_floor_1:.1f} us so with the backward on the calling thread")
 
 
+def in_a_graph(rounds: int) -> None:
+    """What the op adds to an eager step that has other work: x -> x * w -> soft top-k -> loss,
+    against the same step with the soft top-k left out. The engine's hand-off to its CUDA thread
+    is paid once per backward, by both, so the difference is the op's own cost."""
+    print("\neager f+b of x * w -> soft top-k -> (y * g).sum(), minus the same without the soft top-k "
+          f"(median of {rounds} do_bench medians, us):")
+    for rows, n in SHAPES[:5]:
+        x = torch.randn(rows, n, device="cuda", requires_grad=True)
+        w, g = torch.randn_like(x), torch.randn_like(x)
+
+        def step(with_op):
+            s = x * w
+            y = triton_coor_descent(s, k=n / 8, **CONFIG) if with_op else s
+            (y * g).sum().backward()
+            x.grad = None
+
+        t = [statistics.median(us(lambda: step(op)) for _ in range(rounds)) for op in (True, False)]
+        target = RECOMPUTE_FWD_BWD_MS[rows, n] * 1e3 / 30
+        print(f"  {rows:>5} x {n:<7} with {t[0]:6.1f}  without {t[1]:6.1f}  op {t[0] - t[1]:6.1f}  (target {target:.0f})",
+              flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="CUDA parity vs float64 first")
@@ -193,5 +215,6 @@ if __name__ == "__main__":
     if args.check:
         check()
     bench(args.rounds)
+    in_a_graph(args.rounds)
     if args.tune:
         tune()
