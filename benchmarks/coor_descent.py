@@ -1,7 +1,11 @@
 """Coordinate-descent soft top-k: PyTorch reference vs the Triton op, against the chip's floor.
 
-    python benchmarks/coor_descent.py            # the table (needs CUDA)
+    python benchmarks/coor_descent.py            # the table, then the op inside a small step (needs CUDA)
     python benchmarks/coor_descent.py --check    # CUDA parity vs the float64 reference first
+    python benchmarks/coor_descent.py --tune     # then GPU times of forced launch plans (warps, splits)
+
+The eager columns move with the host (the autograd engine's hand-off to its CUDA thread is
+most of an eager step on small rows): they are the median of --rounds passes, with the range.
 
 Floor of a forward = max(exps / (16 exp/clk/SM * SMs * clock), bytes(read s + write y) / copy
 bandwidth measured here) + 10 us of launch; exps = rows * n * n_iters (one per element per
