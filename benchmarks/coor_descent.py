@@ -109,6 +109,11 @@ def tune() -> None:
 RECOMPUTE_FWD_BWD_MS = {(16, 4096): 2.36, (8, 32768): 2.78, (2, 131072): 13.2, (1024, 1024): 2.19, (256, 8192): 2.11}
 
 
+def median_us(fn, rounds: int) -> float:
+    """Median of `rounds` do_bench medians: eager timings move with the host between runs."""
+    return statistics.median(us(fn) for _ in range(rounds))
+
+
 def eager_rounds(rounds: int) -> dict:
     """Eager Triton times, median over `rounds` passes over all shapes (each pass one do_bench
     median per cell): the host's share of an eager step moves with whatever else the machine
@@ -178,11 +183,10 @@ def bench(rounds: int) -> None:
         torch.cuda.empty_cache()
     x = torch.randn(16, 4096, device="cuda", requires_grad=True)
     gx = torch.randn_like(x)
-    median = lambda fn: statistics.median(us(fn) for _ in range(rounds))  # noqa: E731
-    host_floor = median(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx))
+    host_floor = median_us(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx), rounds)
     with torch.autograd.set_multithreading_enabled(False):
-        host_floor_1 = median(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx))
-    plain = median(lambda: torch.autograd.grad(x.exp(), x, gx))
+        host_floor_1 = median_us(lambda: torch.autograd.grad(ExpFunction.apply(x), x, gx), rounds)
+    plain = median_us(lambda: torch.autograd.grad(x.exp(), x, gx), rounds)
     print(f"host floor of this machine, eager fwd+bwd of exp on 16 x 4096 (median of {rounds}): {plain:.1f} us as a torch op, "
           f"{host_floor:.1f} us as a Python autograd.Function (any eager Python-backward op pays this), "
           f"{host_floor_1:.1f} us so with the backward on the calling thread")
@@ -204,7 +208,7 @@ def in_a_graph(rounds: int) -> None:
             (y * g).sum().backward()
             x.grad = None
 
-        t = [statistics.median(us(lambda: step(op)) for _ in range(rounds)) for op in (True, False)]
+        t = [median_us(lambda: step(op), rounds) for op in (True, False)]
         target = RECOMPUTE_FWD_BWD_MS[rows, n] * 1e3 / 30
         print(f"  {rows:>5} x {n:<7} with {t[0]:6.1f}  without {t[1]:6.1f}  op {t[0] - t[1]:6.1f}  (target {target:.0f})",
               flush=True)

@@ -97,7 +97,8 @@ def pieces() -> None:
     runner = compiled[(16, 1, 1)]
     stream = torch.cuda.current_stream().cuda_stream
     ptr_args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in fwd_args)
-    key = ("fwd", plan, s.dtype, torch.float32, False, False, True, 20, True)  # as coor_descent_fwd builds it
+    # the key coor_descent_fwd built for this call (kept by the launcher when it ran above)
+    key = next((key for _, key in cd._launch_fwd.kernels if key[0][0] == "fwd" and key[0][1] is plan), None)
     rows = {
         "argument checks": lambda: check_coor_descent_args(s, n_iters=20, k=512.0, eps=0.03, eps_init=4.0, eps_decay=0.7, mask=None),
         "torch.empty_like(s)": lambda: torch.empty_like(s),
@@ -109,7 +110,7 @@ def pieces() -> None:
                                                         None, None, None, *fwd_args, *consts),
         "kernel.run, int pointers": lambda: compiled.run(16, 1, 1, stream, compiled.function, compiled.packed_metadata,
                                                          None, None, None, *ptr_args, *consts),
-        "Launcher.keyed, kept kernel": lambda: cd._launch_fwd.keyed((key, 0), plan.grid, fwd_args, None),
+        "Launcher.keyed, kept kernel": lambda: cd._launch_fwd.keyed(key, plan.grid, fwd_args, None),
         "fwd launcher": lambda: coor_descent_fwd(s, None, None, 512, 20, 0.03, 4.0, 0.7),
         "bwd launcher": lambda: coor_descent_bwd(gy, s, None, None, stats, 20),
         "public fwd, no grad": lambda: cd_public(s, k=512, **KW),
