@@ -50,7 +50,7 @@ def main():
         s = torch.randn(rows, n, device="cuda")
         gy = torch.randn_like(s)
         sg = s.clone().requires_grad_()
-        _, stats = coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)
+        _, stats, _ = coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7)
         calls = [
             lambda: coor_descent_fwd(s, None, None, n / 8, 20, 0.03, 4.0, 0.7),
             lambda: coor_descent_bwd(gy, s, None, None, stats, 20),
@@ -86,7 +86,7 @@ def pieces() -> None:
     s = torch.randn(16, 4096, device="cuda")
     sg = s.clone().requires_grad_()
     gy = torch.randn_like(s)
-    y, stats = coor_descent_fwd(s, None, None, 512, 20, 0.03, 4.0, 0.7)
+    y, stats, _ = coor_descent_fwd(s, None, None, 512, 20, 0.03, 4.0, 0.7)
     plan = cd._plan(16, 4096, s.device)
     fwd_args = (s, s, stats, y, stats, stats, stats, 4096, 1, 20, 0, 21, 6.2, 0.03, 4.0, 0.7)
     fwd_kw = dict(HAS_MASK=False, K_PER_ROW=False, BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
@@ -98,7 +98,7 @@ def pieces() -> None:
     stream = torch.cuda.current_stream().cuda_stream
     ptr_args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in fwd_args)
     # the key coor_descent_fwd built for this call (kept by the launcher when it ran above)
-    key = next((key for _, key in cd._launch_fwd.kernels if key[0][0] == "fwd" and key[0][1] is plan), None)
+    key = next((key for _, key in cd._launch_fwd.kernels if key[0] is plan), None)
     rows = {
         "argument checks": lambda: check_coor_descent_args(s, n_iters=20, k=512.0, eps=0.03, eps_init=4.0, eps_decay=0.7, mask=None),
         "torch.empty_like(s)": lambda: torch.empty_like(s),

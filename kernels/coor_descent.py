@@ -95,13 +95,15 @@ def _mass(s, neg_a, M, c):
 
 
 @triton.jit
-def _arrive_and_wait(counter, target):
-    """Cooperative barrier of a row's programs: after this program's stores, count it in, then
-    spin until `target` arrivals (a program gives up after _SPIN_LIMIT polls: wrong result, no
-    hang, should the programs ever not all be resident)."""
+def _arrive_and_wait(counter, n_programs):
+    """Cooperative barrier of a row's n_programs programs: after this program's stores, count it
+    in, then spin until the count reaches the end of the round its arrival fell in. The counter
+    only grows, so it can start at any multiple of n_programs: a zeroed one, or one an earlier
+    launch on the same row left behind (the backward reuses the forward's). A program gives up
+    after _SPIN_LIMIT polls (wrong result, no hang) should the programs ever not all be resident."""
     tl.debug_barrier()  # every thread's stores before the one release
-    tl.atomic_add(counter, 1, sem="release")
-    arrived = tl.atomic_add(counter, 0, sem="acquire")
+    arrived = tl.atomic_add(counter, 1, sem="release")
+    target = (arrived // n_programs + 1) * n_programs
     spins = 0
     while (arrived < target) & (spins < _SPIN_LIMIT):
         arrived = tl.atomic_add(counter, 0, sem="acquire")
@@ -229,7 +231,7 @@ def _coor_descent_fwd_kernel(
                 tl.store(pt + step * n_splits * 2 + split * 2, tot0)
                 tl.store(pt + step * n_splits * 2 + split * 2 + 1, tot1)
                 if COOPERATIVE:
-                    _arrive_and_wait(sync_ptr + row, n_splits * (step + 1))
+                    _arrive_and_wait(sync_ptr + row, n_splits)
         else:
             c = LOG2E / e_cur
             if split == 0:
@@ -440,9 +442,25 @@ def _make_plan(
     return _Plan(rows, n, block_n, split_len, n_splits, cooperative, num_warps, triton.next_power_of_2(n_splits))
 
 
-# Launches go through Launcher.keyed with keys built from the plan, the dtypes, the flags and the
-# pointers' alignment: together they fix every specialization of the runtime arguments (the
-# integers are all functions of the plan, n_iters and the step or phase).
+# Launches go through Launcher.keyed with keys built from the plan, the dtypes, the flags, the
+# pointers' alignment and the step (forward) or phase (backward): together they fix every
+# specialization of the runtime arguments (the integers are all functions of the plan, n_iters
+# and the step or phase), and the constexprs and warps are read back from the key on a miss.
+
+
+def _fwd_spec(key) -> tuple[dict, int]:
+    plan, _, _, has_mask, k_per_row, write_y, *_ = key
+    return dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
+                SPLITS_P2=plan.splits_p2, SPLIT=plan.n_splits > 1, COOPERATIVE=plan.cooperative,
+                WRITE_Y=write_y), plan.num_warps
+
+
+def _bwd_spec(key) -> tuple[dict, int]:
+    plan, _, _, _, _, has_mask, k_per_row, has_gy, has_ga, _, _, phase = key
+    return dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, HAS_GY=has_gy, HAS_GA=has_ga, BLOCK_N=plan.block_n,
+                SPLIT_LEN=plan.split_len, SPLITS_P2=plan.splits_p2, PHASE=phase), plan.num_warps
+
+
 _launch_fwd = Launcher(_coor_descent_fwd_kernel)
 _launch_bwd = Launcher(_coor_descent_bwd_kernel)
 
@@ -450,10 +468,12 @@ _launch_bwd = Launcher(_coor_descent_bwd_kernel)
 def coor_descent_fwd(
     s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
     eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32).
+) -> tuple[Tensor, Tensor, tuple | None]:
+    """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32, scratch).
 
     write_y=False skips y (returned empty [0]); the offset a_T is stats[:, _STAT_A, n_iters].
+    scratch: None, or for split rows (partials, barrier counters) that coor_descent_bwd can
+    reuse instead of allocating and zeroing its own (host time on the autograd engine's thread).
     """
     s = s.contiguous()
     rows, n = s.shape
@@ -463,49 +483,41 @@ def coor_descent_fwd(
         y.fill_(float("nan"))
         stats.fill_(float("nan"))
     if rows == 0 or n == 0:
-        return y, stats.zero_()
+        return y, stats.zero_(), None
     plan = _plan(rows, n, s.device)
-    has_mask, k_per_row = mask is not None, k_rows is not None
-    split = plan.n_splits > 1
-    mask_arg = mask.contiguous().view(torch.uint8) if has_mask else s
-    k_arg = k_rows.contiguous() if k_per_row else stats
-    part = s.new_empty((rows, n_iters + 1, plan.n_splits, 2), dtype=torch.float32) if split else stats
-    # arrival counters of the cooperative barrier, one per row
-    sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if plan.cooperative else stats
-    key = ("fwd", plan, s.dtype, k_arg.dtype, has_mask, k_per_row, write_y, n_iters, aligned(s, mask_arg, k_arg))
-
-    def spec():
-        return dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
-                    SPLITS_P2=plan.splits_p2, SPLIT=split, COOPERATIVE=plan.cooperative,
-                    WRITE_Y=write_y), plan.num_warps
-
+    mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
+    k_arg = stats if k_rows is None else k_rows.contiguous()
+    part = sync = stats
+    scratch = None
+    if plan.n_splits > 1:
+        part = s.new_empty((rows, n_iters + 1, plan.n_splits, 2), dtype=torch.float32)
+        if plan.cooperative:  # arrival counters of the barrier, one per row
+            sync = torch.zeros(rows, device=s.device, dtype=torch.int32)
+        scratch = (part, sync)
+    key = (plan, s.dtype, k_arg.dtype, mask is not None, k_rows is not None, write_y, n_iters,
+           aligned(s, mask_arg, k_arg))
+    args = (s, mask_arg, k_arg, y if write_y else s, stats, part, sync, n, plan.n_splits, n_iters)
+    # floats even when given ints: Triton would make an int 1 a constant of the kernel
     scalars = (math.log(k), float(eps), float(eps_first), float(eps_decay))
-    steps = ((0, n_iters + 1),) if not split or plan.cooperative else [(t, t + 1) for t in range(n_iters + 1)]
-    for step_begin, step_end in steps:
-        _launch_fwd.keyed(
-            (key, step_begin), plan.grid,
-            (s, mask_arg, k_arg, y if write_y else s, stats, part, sync,
-             n, plan.n_splits, n_iters, step_begin, step_end, *scalars),
-            spec,
-        )
-    return y, stats
+    if plan.n_splits == 1 or plan.cooperative:
+        _launch_fwd.keyed((*key, 0), plan.grid, (*args, 0, n_iters + 1, *scalars), _fwd_spec)
+    else:
+        for step in range(n_iters + 1):
+            _launch_fwd.keyed((*key, step), plan.grid, (*args, step, step + 1, *scalars), _fwd_spec)
+    return y, stats, scratch
 
 
 def coor_descent_bwd(
     gy: Tensor | None, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor, n_iters: int,
-    ga: Tensor | None = None,
+    ga: Tensor | None = None, scratch: tuple | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients from gy = dL/dy [rows, n] and/or ga = dL/da_T [rows] (None: no such gradient)
-    -> (ds [rows, n] in s.dtype, dk [rows] fp32, or None when k is a number)."""
+    -> (ds [rows, n] in s.dtype, dk [rows] fp32, or None when k is a number). scratch: what
+    coor_descent_fwd returned for these rows, or None (then allocated here)."""
     s = s.contiguous()
-    has_gy, has_ga = gy is not None, ga is not None
-    gy = gy.contiguous() if has_gy else s
-    # a_T of a row with nothing valid is the constant 0: no gradient flows through it.
-    ga = (ga * _has_valid(s, mask)).contiguous() if has_ga else stats
     rows, n = s.shape
     ds = torch.empty_like(s)
-    has_mask, k_per_row = mask is not None, k_rows is not None
-    dk = s.new_empty(rows, dtype=torch.float32) if k_per_row else None
+    dk = None if k_rows is None else s.new_empty(rows, dtype=torch.float32)
     if _POISON:
         ds.fill_(float("nan"))
         if dk is not None:
@@ -513,26 +525,29 @@ def coor_descent_bwd(
     if rows == 0 or n == 0:
         return ds, (dk.zero_() if dk is not None else None)
     plan = _plan(rows, n, s.device)
-    mask_arg = mask.contiguous().view(torch.uint8) if has_mask else s
-    k_arg = k_rows.contiguous() if k_per_row else stats
+    gy_arg = s if gy is None else gy.contiguous()
+    # a_T of a row with nothing valid is the constant 0: no gradient flows through it.
+    ga_arg = stats if ga is None else (ga * _has_valid(s, mask)).contiguous()
+    mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
+    k_arg = stats if k_rows is None else k_rows.contiguous()
+    part = sync = stats
     # Without gy, abar_T = ga needs no reduction over the row: every split runs phase 0.
-    if plan.n_splits == 1 or not has_gy:
+    if plan.n_splits == 1 or gy is None:
         phases = (0,)
-    else:
+    else:  # per-split partial sums of abar_T, exchanged between phases 1 and 2 (or inside 3)
         phases = (3,) if plan.cooperative else (1, 2)
-    # Per-split partial sums of abar_T, exchanged between phases 1 and 2 (or inside phase 3).
-    part = s.new_empty((rows, plan.n_splits), dtype=torch.float32) if phases != (0,) else stats
-    sync = torch.zeros(rows, device=s.device, dtype=torch.int32) if phases == (3,) else stats
-    key = ("bwd", plan, s.dtype, gy.dtype, k_arg.dtype, ga.dtype, has_mask, k_per_row, has_gy, has_ga, n_iters,
-           aligned(s, gy, mask_arg, k_arg, ga))
-    args = (gy, s, mask_arg, k_arg, stats, part, sync, ga, ds, dk if k_per_row else stats, n, plan.n_splits, n_iters)
+        if scratch is not None:  # the forward's partials buffer (larger) and counters
+            part, sync = scratch
+        else:
+            part = s.new_empty((rows, plan.n_splits), dtype=torch.float32)
+            if plan.cooperative:
+                sync = torch.zeros(rows, device=s.device, dtype=torch.int32)
+    key = (plan, s.dtype, gy_arg.dtype, k_arg.dtype, ga_arg.dtype, mask is not None, k_rows is not None,
+           gy is not None, ga is not None, n_iters, aligned(s, gy_arg, mask_arg, k_arg, ga_arg))
+    args = (gy_arg, s, mask_arg, k_arg, stats, part, sync, ga_arg, ds, stats if dk is None else dk,
+            n, plan.n_splits, n_iters)
     for phase in phases:
-        _launch_bwd.keyed(
-            (key, phase), plan.grid, args,
-            lambda phase=phase: (dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, HAS_GY=has_gy, HAS_GA=has_ga,
-                                      BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len, SPLITS_P2=plan.splits_p2,
-                                      PHASE=phase), plan.num_warps),
-        )
+        _launch_bwd.keyed((*key, phase), plan.grid, args, _bwd_spec)
     return ds, dk
 
 
@@ -570,7 +585,8 @@ def _fake_stats(s: Tensor, n_iters: int) -> Tensor:
 
 @torch.library.custom_op("colt5::coor_descent_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    return coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay)
+    y, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay)
+    return y, stats
 
 
 @_fwd_op.register_fake
@@ -581,7 +597,7 @@ def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
 @torch.library.custom_op("colt5::coor_descent_offset_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _offset_fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
     """-> (a_T [rows] fp32, stats): the forward without y."""
-    _, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
+    _, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
     return _offset_of(stats, n_iters, s, mask), stats
 
 
@@ -633,7 +649,7 @@ class CoorDescentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, mask, k_rows, scalars):
-        y, stats = coor_descent_fwd(s, mask, k_rows, *scalars)
+        y, stats, ctx.scratch = coor_descent_fwd(s, mask, k_rows, *scalars)
         ctx.save_for_backward(s, mask, k_rows, stats)
         ctx.n_iters = scalars[1]
         return y
@@ -641,7 +657,7 @@ class CoorDescentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         s, mask, k_rows, stats = ctx.saved_tensors
-        ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, ctx.n_iters)
+        ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, ctx.n_iters, scratch=ctx.scratch)
         return ds, None, dk, None
 
 
@@ -650,17 +666,34 @@ class CoorDescentOffsetFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, mask, k_rows, scalars):
-        _, stats = coor_descent_fwd(s, mask, k_rows, *scalars, write_y=False)
+        _, stats, _ = coor_descent_fwd(s, mask, k_rows, *scalars, write_y=False)
         ctx.save_for_backward(s, mask, k_rows, stats)
         ctx.n_iters = scalars[1]
         return _offset_of(stats, scalars[1], s, mask)
 
     @staticmethod
-    def backward(ctx, ga):
+    def backward(ctx, ga):  # without gy, abar_T needs no sum across a split row: no scratch
         s, mask, k_rows, stats = ctx.saved_tensors
         ds, dk = coor_descent_bwd(None, s, mask, k_rows, stats, ctx.n_iters, ga)
         return ds, None, dk, None
 
+
+def _bare_apply(function: type[torch.autograd.Function]):
+    """function.apply without its Python wrapper (~3 us of host time per call on the H100 hosts,
+    most of it re-wrapping the arguments), which only matters for setup_context-style Functions
+    and under functorch transforms; those still go through function.apply."""
+    bare = super(torch.autograd.Function, function).apply
+
+    def apply(*args):
+        if torch._C._are_functorch_transforms_active():
+            return function.apply(*args)
+        return bare(*args)
+
+    return apply
+
+
+_apply_coor_descent = _bare_apply(CoorDescentFunction)
+_apply_coor_descent_offset = _bare_apply(CoorDescentOffsetFunction)
 
 # Tests set this to run the library op (what torch.compile sees) in eager mode too.
 _EAGER_VIA_OP = False
@@ -741,9 +774,9 @@ def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tenso
     if _use_op():
         y, _ = _fwd_op(*args)
     elif _needs_grad(args):
-        y = CoorDescentFunction.apply(*args[:3], args[3:])
+        y = _apply_coor_descent(*args[:3], args[3:])
     else:
-        y, _ = coor_descent_fwd(*args)
+        y, _, _ = coor_descent_fwd(*args)
     return y if s.dim() == 2 else y.view(s.shape)
 
 
@@ -759,9 +792,9 @@ def _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask) -
     if _use_op():
         a, _ = _offset_fwd_op(*args)
     elif _needs_grad(args):
-        a = CoorDescentOffsetFunction.apply(*args[:3], args[3:])
+        a = _apply_coor_descent_offset(*args[:3], args[3:])
     else:
-        _, stats = coor_descent_fwd(*args, write_y=False)
+        _, stats, _ = coor_descent_fwd(*args, write_y=False)
         a = _offset_of(stats, n_iters, args[0], args[1])
     return a.view(*s.shape[:-1], 1), e_T
 

@@ -13,8 +13,8 @@ GPU tests check against `JITFunction.warmup`. Two ways to key:
     dtype and 16-byte alignment, integer width class, integers equal to 1 and divisible by 16,
     the constexprs, num_warps);
   * `launcher.keyed(key, grid, args, spec)` takes the caller's key, which must fix all of that
-    (shapes, dtypes, flags, alignment), and calls `spec()` for the constexprs and num_warps only
-    on a miss: the hot path then costs a dict lookup and the launch.
+    (shapes, dtypes, flags, alignment), and calls `spec(key)` for the constexprs and num_warps
+    only on a miss: the hot path then costs a dict lookup and the launch.
 Under the interpreter (CPU) every call goes through the JIT.
 """
 
@@ -24,7 +24,6 @@ import os
 from typing import Callable
 
 import torch
-from triton.runtime import driver
 
 try:  # triton >= 3.4
     from triton import knobs
@@ -36,6 +35,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 # COLT5_JIT_LAUNCH=1 sends every launch through the JIT (to compare, or if a Triton release
 # changes the CompiledKernel calling convention).
 ENABLED = not INTERPRET and os.environ.get("COLT5_JIT_LAUNCH", "0") != "1"
+
+
+_data_ptr = torch.Tensor.data_ptr
 
 
 def arg_key(arg) -> tuple:
@@ -89,32 +91,52 @@ class Launcher:
             self.fn[grid](*args, **constexprs, num_warps=num_warps)
             return
         key = (num_warps, *constexprs.values(), *map(arg_key, args))
-        self.keyed(key, grid + (1,) * (3 - len(grid)), args, lambda: (constexprs, num_warps))
+        self.keyed(key, grid + (1,) * (3 - len(grid)), args, lambda _key: (constexprs, num_warps))
 
-    def keyed(self, key, grid: tuple[int, int, int], args: tuple, spec: Callable[[], tuple[dict, int]]):
+    def keyed(self, key, grid: tuple[int, int, int], args: tuple, spec: Callable[[object], tuple[dict, int]]):
         """Launch with the caller's specialization key (see the module docstring) on a 3-D grid;
-        spec() -> (constexprs, num_warps) is called on a miss only."""
+        spec(key) -> (constexprs, num_warps) is called on a miss only."""
         if not ENABLED:
-            constexprs, num_warps = spec()
+            constexprs, num_warps = spec(key)
             self.fn[grid](*args, **constexprs, num_warps=num_warps)
             return
-        active = driver.active
-        device = active.get_current_device()
+        device = _current_device()
         kept = self.kernels.get((device, key))
         if kept is None or _launch_hooks_set():
-            self._through_jit(device, key, grid, args, *spec())
+            self._through_jit(device, key, grid, args, *spec(key))
             return
-        run, function, metadata, consts, n_ptrs, _kernel = kept
-        # What CompiledKernel[grid](...) does, minus the per-call closure and hook metadata; the
+        launch, function, head, metadata, consts, n_ptrs, _kernel = kept
+        # What CompiledKernel[grid](...) does, minus its per-call closures and hook metadata; the
         # leading tensors go as raw addresses (the launcher then skips a driver query per pointer).
-        run(grid[0], grid[1], grid[2], active.get_current_stream(device), function, metadata, None, None, None,
-            *[t.data_ptr() for t in args[:n_ptrs]], *args[n_ptrs:], *consts)
+        launch(grid[0], grid[1], grid[2], _current_stream(device), function, *head, metadata, None, None, None,
+               *map(_data_ptr, args[:n_ptrs]), *args[n_ptrs:], *consts)
 
     def _through_jit(self, device: int, key, grid: tuple, args: tuple, constexprs: dict, num_warps: int):
         if list(constexprs) != self._constexpr_names:
             raise ValueError(f"constexprs must be {self._constexpr_names} in this order, got {list(constexprs)}")
         kernel = self.fn[grid](*args, **constexprs, num_warps=num_warps)  # compiles; loads the binary
         n_ptrs = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        launch, head = _entry_point(kernel)
         # the CompiledKernel itself stays referenced: it owns the loaded module
-        self.kernels[device, key] = (kernel.run, kernel.function, kernel.packed_metadata,
+        self.kernels[device, key] = (launch, kernel.function, head, kernel.packed_metadata,
                                      tuple(constexprs.values()), n_ptrs, kernel)
+
+
+def _entry_point(kernel) -> tuple:
+    """(launch, head) with launch(gx, gy, gz, stream, function, *head, metadata, ...) doing what
+    kernel.run does. Triton's CUDA launcher (3.x) allocates any scratch buffers, then calls its C
+    launch with them: kernels without scratch go to the C launch directly (a Python frame and
+    two closures less per call). Anything else keeps kernel.run."""
+    run = kernel.run
+    fields = ("launch", "launch_cooperative_grid", "launch_pdl", "global_scratch_size", "profile_scratch_size")
+    if all(hasattr(run, f) for f in fields) and not run.global_scratch_size and not run.profile_scratch_size:
+        return run.launch, (run.launch_cooperative_grid, run.launch_pdl, None, None)
+    return run, ()
+
+
+def _current_device() -> int:
+    return torch._C._cuda_getDevice()  # torch.cuda.current_device() minus its Python checks
+
+
+def _current_stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)

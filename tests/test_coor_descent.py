@@ -233,49 +233,60 @@ def test_launcher_key_separates_what_triton_specializes_on():
 
 def test_launcher_keeps_the_jits_kernel_and_launches_it_directly(monkeypatch):
     """Launcher logic with stand-ins for Triton's JIT and driver (the GPU tests run the real
-    ones): a key's first call goes through the JIT with spec()'s constexprs and warps; later
-    calls launch the kept kernel's run with the grid, the current stream, raw addresses for the
-    leading tensors, the other arguments and the constexprs, and never call spec(); a
-    registered launch hook sends calls back through the JIT (which calls the hooks)."""
+    ones): a key's first call goes through the JIT with spec(key)'s constexprs and warps; later
+    calls launch the kept kernel with the grid, the current stream, raw addresses for the
+    leading tensors, the other arguments and the constexprs, and never call spec; a kernel
+    without scratch buffers goes straight to its launcher's C entry point; a registered launch
+    hook sends calls back through the JIT (which calls the hooks)."""
     from types import SimpleNamespace
 
     knobs = pytest.importorskip("triton.knobs")  # launch hooks: triton >= 3.4
     launch = importlib.import_module("colt5.kernels.launch")
-    runs, jit_calls, spec_calls = [], [], []
+    runs, c_launches, jit_calls, spec_calls = [], [], [], []
 
-    class Compiled:
+    class Compiled:  # a launcher without the C entry point: kernel.run is called
         function, packed_metadata = "function", "metadata"
 
         def run(self, *args):
             runs.append(args)
 
+    class CompiledC(Compiled):  # Triton's CUDA launcher: run.launch is the C entry point
+        run = SimpleNamespace(launch=lambda *args: c_launches.append(args), launch_cooperative_grid=False,
+                              launch_pdl=True, global_scratch_size=0, profile_scratch_size=0)
+
     class JitFunction:
         arg_names, constexprs = ["x", "y", "n", "BLOCK"], [3]
 
         def __getitem__(self, grid):
-            return lambda *args, **kw: jit_calls.append((grid, args, kw)) or Compiled()
+            compiled = CompiledC if grid[0] == 4 else Compiled
+            return lambda *args, **kw: jit_calls.append((grid, args, kw)) or compiled()
 
     monkeypatch.setattr(launch, "ENABLED", True)
-    active = SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 1234)
-    monkeypatch.setattr(launch, "driver", SimpleNamespace(active=active))
+    monkeypatch.setattr(launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
     launcher = launch.Launcher(JitFunction())
     x, y = torch.zeros(4), torch.ones(4)
 
-    def spec():
-        spec_calls.append(1)
+    def spec(key):
+        spec_calls.append(key)
         return {"BLOCK": 16}, 4
 
     launcher.keyed("key", (2, 1, 1), (x, y, 7), spec)
     assert jit_calls == [((2, 1, 1), (x, y, 7), {"BLOCK": 16, "num_warps": 4})] and runs == []
     launcher.keyed("key", (3, 1, 1), (y, x, 9), spec)
-    assert len(jit_calls) == 1 and len(spec_calls) == 1
+    assert len(jit_calls) == 1 and spec_calls == ["key"]
     assert runs == [(3, 1, 1, 1234, "function", "metadata", None, None, None, y.data_ptr(), x.data_ptr(), 9, 16)]
     launcher.keyed("other key", (3, 1, 1), (y, x, 9), spec)
     assert len(jit_calls) == 2  # a new key compiles (or finds) its own kernel
 
+    launcher.keyed("c key", (4, 1, 1), (x, y, 7), spec)
+    launcher.keyed("c key", (5, 1, 1), (y, x, 9), spec)
+    assert c_launches == [(5, 1, 1, 1234, "function", False, True, None, None, "metadata", None, None, None,
+                           y.data_ptr(), x.data_ptr(), 9, 16)]
+
     launcher((5,), (x, y, 3), {"BLOCK": 8}, 2)  # keys built from the arguments; grid padded
     launcher((5,), (y, x, 5), {"BLOCK": 8}, 2)  # same key (ints 3, 5: same class)
-    assert jit_calls[-1][0] == (5, 1, 1) and len(jit_calls) == 3 and runs[-1][:3] == (5, 1, 1)
+    assert jit_calls[-1][0] == (5, 1, 1) and len(jit_calls) == 4 and runs[-1][:3] == (5, 1, 1)
 
     assert not launch._launch_hooks_set()
     hook = lambda metadata: None  # noqa: E731
@@ -283,6 +294,6 @@ def test_launcher_keeps_the_jits_kernel_and_launches_it_directly(monkeypatch):
     try:
         assert launch._launch_hooks_set()
         launcher.keyed("key", (3, 1, 1), (y, x, 9), spec)
-        assert len(jit_calls) == 4 and len(runs) == 2
+        assert len(jit_calls) == 5 and len(runs) == 2
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)

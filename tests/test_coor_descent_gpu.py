@@ -165,12 +165,12 @@ def test_coor_descent_keys_pick_the_jits_kernel(dtype, seeded, monkeypatch):
             torch.autograd.grad(y.float().sum() + a.sum(), s)  # a backward with gy, one with ga
             args = cd._launch_args(s.detach(), CONFIG["n_iters"], k, CONFIG["eps"], CONFIG["eps_init"],
                                    CONFIG["eps_decay"], mask)
-            _, stats = cd.coor_descent_fwd(*args)
+            _, stats, _ = cd.coor_descent_fwd(*args)
             cd.coor_descent_bwd(torch.randn_like(s), args[0], args[1], args[2], stats, CONFIG["n_iters"],
                                 torch.randn(rows, device="cuda"))  # gy and ga in one backward
-    assert {key[0][1].cooperative for _, key, *_ in calls} == {False, True}
+    assert {key[0].cooperative for _, key, *_ in calls} == {False, True}
     for launcher, key, grid, args, spec in calls:
-        constexprs, num_warps = spec()
+        constexprs, num_warps = spec(key)
         kept = launcher.kernels[torch.cuda.current_device(), key][-1]
         jit = launcher.fn.warmup(*args, grid=grid, **constexprs, num_warps=num_warps)
         if kept is not jit:
@@ -215,6 +215,25 @@ def test_cooperative_plan_repeats_and_replays_in_a_cuda_graph(seeded):
         torch.cuda.synchronize()
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+def test_cooperative_backward_reuses_the_forwards_scratch(seeded):
+    """The eager backward of a cooperative split row reuses the forward's partials buffer and
+    barrier counters (left at n_splits * n_iters: the barrier counts rounds from any multiple of
+    n_splits): its gradient equals that of a backward with fresh ones, and so does a second
+    backward through the same graph (counters one round further on)."""
+    s = torch.randn(2, 70000, device="cuda", requires_grad=True)
+    g = torch.randn_like(s)
+    assert cd._plan(2, 70000, s.device).cooperative
+    y = triton_coor_descent(s, k=5000.0, **CONFIG)
+    assert y.grad_fn.scratch is not None
+    first = torch.autograd.grad(y, s, g, retain_graph=True)[0]
+    second = torch.autograd.grad(y, s, g)[0]
+    args = cd._launch_args(s.detach(), CONFIG["n_iters"], 5000.0, CONFIG["eps"], CONFIG["eps_init"],
+                           CONFIG["eps_decay"], None)
+    _, stats, _ = cd.coor_descent_fwd(*args)
+    fresh, _ = cd.coor_descent_bwd(g, s.detach(), None, None, stats, CONFIG["n_iters"])
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)
 
 
 def test_launcher_key_is_no_coarser_than_triton(seeded):

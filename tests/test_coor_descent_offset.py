@@ -121,7 +121,7 @@ def test_backward_with_gy_and_ga_together(case, seeded):
     n_iters, mask = cfg["n_iters"], cfg["mask"]
     eps_first = max(cfg["eps_init"] or cfg["eps"], cfg["eps"])
     k_rows = k64.float() if per_row_k else None
-    y, stats = cd.coor_descent_fwd(
+    y, stats, _ = cd.coor_descent_fwd(
         s64.float(), mask, k_rows, 1.0 if per_row_k else k64, n_iters, cfg["eps"], eps_first, cfg["eps_decay"]
     )
     gy, ga = torch.randn(rows, n, dtype=torch.float64), torch.randn(rows, dtype=torch.float64)
