@@ -472,8 +472,9 @@ def coor_descent_fwd(
     """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32, scratch).
 
     write_y=False skips y (returned empty [0]); the offset a_T is stats[:, _STAT_A, n_iters].
-    scratch: None, or for split rows (partials, barrier counters) that coor_descent_bwd can
-    reuse instead of allocating and zeroing its own (host time on the autograd engine's thread).
+    scratch: (plan, partials, barrier counters), the latter two placeholders unless rows are
+    split, for coor_descent_bwd to reuse instead of choosing a plan and allocating and zeroing
+    buffers of its own (host time on the autograd engine's thread); None for an empty s.
     """
     s = s.contiguous()
     rows, n = s.shape
@@ -488,12 +489,10 @@ def coor_descent_fwd(
     mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
     k_arg = stats if k_rows is None else k_rows.contiguous()
     part = sync = stats
-    scratch = None
     if plan.n_splits > 1:
         part = s.new_empty((rows, n_iters + 1, plan.n_splits, 2), dtype=torch.float32)
         if plan.cooperative:  # arrival counters of the barrier, one per row
             sync = torch.zeros(rows, device=s.device, dtype=torch.int32)
-        scratch = (part, sync)
     key = (plan, s.dtype, k_arg.dtype, mask is not None, k_rows is not None, write_y, n_iters,
            aligned(s, mask_arg, k_arg))
     args = (s, mask_arg, k_arg, y if write_y else s, stats, part, sync, n, plan.n_splits, n_iters)
@@ -504,7 +503,7 @@ def coor_descent_fwd(
     else:
         for step in range(n_iters + 1):
             _launch_fwd.keyed((*key, step), plan.grid, (*args, step, step + 1, *scalars), _fwd_spec)
-    return y, stats, scratch
+    return y, stats, (plan, part, sync)
 
 
 def coor_descent_bwd(
@@ -513,7 +512,9 @@ def coor_descent_bwd(
 ) -> tuple[Tensor, Tensor | None]:
     """Gradients from gy = dL/dy [rows, n] and/or ga = dL/da_T [rows] (None: no such gradient)
     -> (ds [rows, n] in s.dtype, dk [rows] fp32, or None when k is a number). scratch: what
-    coor_descent_fwd returned for these rows, or None (then allocated here)."""
+    coor_descent_fwd returned for these rows (its plan, and its buffers for split rows: the
+    partials buffer is larger than the backward's, the barrier counts rounds from wherever the
+    forward left it), or None."""
     s = s.contiguous()
     rows, n = s.shape
     ds = torch.empty_like(s)
@@ -524,7 +525,7 @@ def coor_descent_bwd(
             dk.fill_(float("nan"))
     if rows == 0 or n == 0:
         return ds, (dk.zero_() if dk is not None else None)
-    plan = _plan(rows, n, s.device)
+    plan = _plan(rows, n, s.device) if scratch is None else scratch[0]
     gy_arg = s if gy is None else gy.contiguous()
     # a_T of a row with nothing valid is the constant 0: no gradient flows through it.
     ga_arg = stats if ga is None else (ga * _has_valid(s, mask)).contiguous()
@@ -536,8 +537,8 @@ def coor_descent_bwd(
         phases = (0,)
     else:  # per-split partial sums of abar_T, exchanged between phases 1 and 2 (or inside 3)
         phases = (3,) if plan.cooperative else (1, 2)
-        if scratch is not None:  # the forward's partials buffer (larger) and counters
-            part, sync = scratch
+        if scratch is not None:
+            _, part, sync = scratch
         else:
             part = s.new_empty((rows, plan.n_splits), dtype=torch.float32)
             if plan.cooperative:
@@ -666,15 +667,15 @@ class CoorDescentOffsetFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, mask, k_rows, scalars):
-        _, stats, _ = coor_descent_fwd(s, mask, k_rows, *scalars, write_y=False)
+        _, stats, ctx.scratch = coor_descent_fwd(s, mask, k_rows, *scalars, write_y=False)
         ctx.save_for_backward(s, mask, k_rows, stats)
         ctx.n_iters = scalars[1]
         return _offset_of(stats, scalars[1], s, mask)
 
     @staticmethod
-    def backward(ctx, ga):  # without gy, abar_T needs no sum across a split row: no scratch
+    def backward(ctx, ga):
         s, mask, k_rows, stats = ctx.saved_tensors
-        ds, dk = coor_descent_bwd(None, s, mask, k_rows, stats, ctx.n_iters, ga)
+        ds, dk = coor_descent_bwd(None, s, mask, k_rows, stats, ctx.n_iters, ga, ctx.scratch)
         return ds, None, dk, None
 
 

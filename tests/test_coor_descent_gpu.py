@@ -218,10 +218,11 @@ def test_cooperative_plan_repeats_and_replays_in_a_cuda_graph(seeded):
 
 
 def test_cooperative_backward_reuses_the_forwards_scratch(seeded):
-    """The eager backward of a cooperative split row reuses the forward's partials buffer and
-    barrier counters (left at n_splits * n_iters: the barrier counts rounds from any multiple of
-    n_splits): its gradient equals that of a backward with fresh ones, and so does a second
-    backward through the same graph (counters one round further on)."""
+    """The eager backward of a cooperative split row reuses the forward's plan, partials buffer
+    and barrier counters (left at n_splits * n_iters: the barrier counts rounds from any multiple
+    of n_splits): its gradient equals that of a backward with fresh ones, and so does a second
+    backward through the same graph (counters one round further on) and one run while another
+    plan is forced (it keeps the forward's)."""
     s = torch.randn(2, 70000, device="cuda", requires_grad=True)
     g = torch.randn_like(s)
     assert cd._plan(2, 70000, s.device).cooperative
@@ -234,6 +235,13 @@ def test_cooperative_backward_reuses_the_forwards_scratch(seeded):
     _, stats, _ = cd.coor_descent_fwd(*args)
     fresh, _ = cd.coor_descent_bwd(g, s.detach(), None, None, stats, CONFIG["n_iters"])
     assert torch.equal(first, fresh) and torch.equal(second, fresh)
+    y = triton_coor_descent(s, k=5000.0, **CONFIG)
+    cd._FORCE.update(split_len=8192)
+    try:
+        third = torch.autograd.grad(y, s, g)[0]
+    finally:
+        cd._FORCE.clear()
+    assert torch.equal(third, fresh)
 
 
 def test_launcher_key_is_no_coarser_than_triton(seeded):
