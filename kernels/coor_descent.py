@@ -22,7 +22,8 @@ Rows of few programs' worth of work are split over several programs that exchang
 partial sums (count/max, then unclamped mass U and clamped count C) through a small buffer:
   * cooperative (CUDA only, grid <= SM count so every program is resident): one launch, the
     programs of a row meet at a spin barrier on a per-row counter after each iteration (and
-    the backward's programs once, to add up abar_T);
+    the backward's programs once, to add up abar_T; the eager backward reuses the forward's
+    counters and partials buffer, so the autograd engine's thread allocates only ds);
   * multi-launch (everywhere, and the only split path the interpreter runs, since it executes
     programs one after another): launch t finishes iteration t - 1 from the partials and writes
     the partials of iteration t (the backward: phase 1 partial abar_T, phase 2 the rest). No
