@@ -163,7 +163,10 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         nq, nkv = iq.shape[1], ikv.shape[2]
 
         q = self.to_q(tq).view(b, nq, h, dh).transpose(1, 2)  # [b, h, Q, dh]
-        kv = torch.einsum("b r k d, r d e -> b r k e", tkv, self.to_kv.to(tkv.dtype))
+        # a bmm over routes: the einsum it replaces gave the weight a gradient strided unlike the
+        # weight when r = 1, which DDP then copies into its bucket every step
+        kv = torch.bmm(tkv.transpose(0, 1).reshape(r, b * nkv, -1), self.to_kv.to(tkv.dtype))
+        kv = kv.view(r, b, nkv, -1).transpose(0, 1)  # [b, r, K, 2 * g * dh]
         k, v = kv.view(b, r, nkv, 2, g, dh).permute(3, 0, 1, 4, 2, 5)  # each [b, r, g, K, dh]
         wkv_h = wkv.view(b, r, 1, nkv, 1).to(v.dtype)
         v = v * wkv_h

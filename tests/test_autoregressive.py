@@ -361,3 +361,14 @@ def test_compile_block_fullgraph():
 @pytest.mark.skipif(not os.environ.get("COLT5_SLOW_TESTS"), reason="minutes of inductor compile on a 2-core CPU; set COLT5_SLOW_TESTS=1")
 def test_compile_block_fullgraph_inductor():
     _compile_check("inductor")
+
+
+@pytest.mark.parametrize("num_routed_kv", [1, 2])
+def test_gradients_have_the_parameters_strides(num_routed_kv):
+    """Every gradient is laid out like its parameter (size-1 dims included): DDP's buckets are
+    views in the parameter's layout and copy any gradient that is not, every step."""
+    torch.manual_seed(0)
+    model = stack(num_routed_kv=num_routed_kv, heavy_heads=2)
+    model(torch.randn(2, 29, D)).square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), name
