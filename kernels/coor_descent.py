@@ -473,9 +473,9 @@ def coor_descent_fwd(
     """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32, scratch).
 
     write_y=False skips y (returned empty [0]); the offset a_T is stats[:, _STAT_A, n_iters].
-    scratch: (plan, partials, barrier counters), the latter two placeholders unless rows are
-    split, for coor_descent_bwd to reuse instead of choosing a plan and allocating and zeroing
-    buffers of its own (host time on the autograd engine's thread); None for an empty s.
+    scratch: (plan, partials, barrier counters), the latter two None unless rows are split, for
+    coor_descent_bwd to reuse instead of choosing a plan and allocating and zeroing buffers of
+    its own (host time on the autograd engine's thread); None for an empty s.
     """
     s = s.contiguous()
     rows, n = s.shape
@@ -489,14 +489,16 @@ def coor_descent_fwd(
     plan = _plan(rows, n, s.device)
     mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
     k_arg = stats if k_rows is None else k_rows.contiguous()
-    part = sync = stats
+    part = sync = None
     if plan.n_splits > 1:
         part = s.new_empty((rows, n_iters + 1, plan.n_splits, 2), dtype=torch.float32)
         if plan.cooperative:  # arrival counters of the barrier, one per row
             sync = torch.zeros(rows, device=s.device, dtype=torch.int32)
     key = (plan, s.dtype, k_arg.dtype, mask is not None, k_rows is not None, write_y, n_iters,
            aligned(s, mask_arg, k_arg))
-    args = (s, mask_arg, k_arg, y if write_y else s, stats, part, sync, n, plan.n_splits, n_iters)
+    # unused pointer arguments get a tensor of the call (the kernel never reads them)
+    args = (s, mask_arg, k_arg, y if write_y else s, stats, stats if part is None else part,
+            stats if sync is None else sync, n, plan.n_splits, n_iters)
     # floats even when given ints: Triton would make an int 1 a constant of the kernel
     scalars = (math.log(k), float(eps), float(eps_first), float(eps_decay))
     if plan.n_splits == 1 or plan.cooperative:
@@ -532,7 +534,7 @@ def coor_descent_bwd(
     ga_arg = stats if ga is None else (ga * _has_valid(s, mask)).contiguous()
     mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
     k_arg = stats if k_rows is None else k_rows.contiguous()
-    part = sync = stats
+    part = sync = None
     # Without gy, abar_T = ga needs no reduction over the row: every split runs phase 0.
     if plan.n_splits == 1 or gy is None:
         phases = (0,)
@@ -546,8 +548,8 @@ def coor_descent_bwd(
                 sync = torch.zeros(rows, device=s.device, dtype=torch.int32)
     key = (plan, s.dtype, gy_arg.dtype, k_arg.dtype, ga_arg.dtype, mask is not None, k_rows is not None,
            gy is not None, ga is not None, n_iters, aligned(s, gy_arg, mask_arg, k_arg, ga_arg))
-    args = (gy_arg, s, mask_arg, k_arg, stats, part, sync, ga_arg, ds, stats if dk is None else dk,
-            n, plan.n_splits, n_iters)
+    args = (gy_arg, s, mask_arg, k_arg, stats, stats if part is None else part, stats if sync is None else sync,
+            ga_arg, ds, stats if dk is None else dk, n, plan.n_splits, n_iters)
     for phase in phases:
         _launch_bwd.keyed((*key, phase), plan.grid, args, _bwd_spec)
     return ds, dk
@@ -681,9 +683,9 @@ class CoorDescentOffsetFunction(torch.autograd.Function):
 
 
 def _bare_apply(function: type[torch.autograd.Function]):
-    """function.apply without its Python wrapper (~3 us of host time per call on the H100 hosts,
-    most of it re-wrapping the arguments), which only matters for setup_context-style Functions
-    and under functorch transforms; those still go through function.apply."""
+    """function.apply without its Python wrapper (2-3 us of host time per call on our dev CPU:
+    it re-wraps every argument), which only matters for setup_context-style Functions and under
+    functorch transforms; those still go through function.apply."""
     bare = super(torch.autograd.Function, function).apply
 
     def apply(*args):
