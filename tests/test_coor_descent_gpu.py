@@ -227,7 +227,8 @@ def test_cooperative_backward_reuses_the_forwards_scratch(seeded):
     g = torch.randn_like(s)
     assert cd._plan(2, 70000, s.device).cooperative
     y = triton_coor_descent(s, k=5000.0, **CONFIG)
-    assert y.grad_fn.scratch is not None
+    _, part, counters = y.grad_fn.scratch
+    assert part is not None and counters is not None
     first = torch.autograd.grad(y, s, g, retain_graph=True)[0]
     second = torch.autograd.grad(y, s, g)[0]
     args = cd._launch_args(s.detach(), CONFIG["n_iters"], 5000.0, CONFIG["eps"], CONFIG["eps_init"],
