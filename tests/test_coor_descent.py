@@ -297,3 +297,37 @@ def test_launcher_keeps_the_jits_kernel_and_launches_it_directly(monkeypatch):
         assert len(jit_calls) == 5 and len(runs) == 2
     finally:
         knobs.runtime.launch_enter_hook.remove(hook)
+
+
+def test_split_buffers_kept_per_stream_and_fresh_under_capture(monkeypatch):
+    """The keeping logic of the split rows' buffers, with the CUDA calls stood in for (the GPU
+    tests run the kernels on them): eager calls on one stream and n_splits share one entry that
+    only grows, another stream or n_splits gets its own, a non-cooperative plan gets no counters,
+    and a call under CUDA-graph capture gets new buffers and keeps nothing."""
+    stream, capturing = [1], [False]
+    monkeypatch.setattr(cd, "_current_stream", lambda index: stream[0])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(cd, "_new_split_buffers", lambda device, n_partials, n_counters: (
+        torch.empty(n_partials), torch.zeros(n_counters, dtype=torch.int64)))
+    monkeypatch.setattr(cd, "_SPLIT_BUFFERS", {})
+    gpu = torch.device("cuda", 0)
+
+    def plan(rows, n_splits, cooperative=True):
+        return cd._Plan(rows, n_splits * 4096, 4096, 4096, n_splits, cooperative, 8, n_splits)
+
+    part, counters = cd._split_buffers(gpu, plan(2, 16), 100)
+    assert part.numel() == 100 and counters.numel() == 2 and counters.dtype == torch.int64
+    again = cd._split_buffers(gpu, plan(2, 16), 60)
+    assert again[0] is part and again[1] is counters
+    grown = cd._split_buffers(gpu, plan(3, 16), 80)  # more rows: new, larger counters
+    assert grown[0].numel() == 100 and grown[1].numel() == 3
+    assert cd._split_buffers(gpu, plan(2, 16), 100)[1] is grown[1]
+    assert cd._split_buffers(gpu, plan(2, 16, cooperative=False), 100) == (grown[0], None)
+    assert cd._split_buffers(gpu, plan(2, 8), 10)[0] is not grown[0]
+    stream[0] = 2
+    assert cd._split_buffers(gpu, plan(2, 16), 100)[0] is not grown[0]
+    assert sorted(cd._SPLIT_BUFFERS) == [(0, 1, 8), (0, 1, 16), (0, 2, 16)]
+    capturing[0] = True
+    first, second = (cd._split_buffers(gpu, plan(2, 16), 100) for _ in range(2))
+    assert first[0] is not second[0] and first[1] is not second[1] and len(cd._SPLIT_BUFFERS) == 3
+    assert cd._split_buffers(torch.device("cpu"), plan(2, 16, cooperative=False), 7)[1] is None

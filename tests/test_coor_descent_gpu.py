@@ -219,10 +219,11 @@ def test_cooperative_plan_repeats_and_replays_in_a_cuda_graph(seeded):
 
 def test_cooperative_backward_reuses_the_forwards_scratch(seeded):
     """The eager backward of a cooperative split row reuses the forward's plan, partials buffer
-    and barrier counters (left at n_splits * n_iters: the barrier counts rounds from any multiple
-    of n_splits): its gradient equals that of a backward with fresh ones, and so does a second
-    backward through the same graph (counters one round further on) and one run while another
-    plan is forced (it keeps the forward's)."""
+    and barrier counters (left at a multiple of n_splits: the barrier counts rounds from any
+    multiple of n_splits): its gradient equals that of a backward called without them, and so
+    does a second backward through the same graph (counters one round further on) and one run
+    while another plan is forced (it keeps the forward's). Against buffers of a call's own:
+    test_split_buffers_are_kept_per_stream_and_never_rezeroed."""
     s = torch.randn(2, 70000, device="cuda", requires_grad=True)
     g = torch.randn_like(s)
     assert cd._plan(2, 70000, s.device).cooperative
@@ -243,6 +244,51 @@ def test_cooperative_backward_reuses_the_forwards_scratch(seeded):
     finally:
         cd._FORCE.clear()
     assert torch.equal(third, fresh)
+
+
+def test_split_buffers_are_kept_per_stream_and_never_rezeroed(seeded):
+    """Eager split calls share their partials and counters per (device, stream, n_splits),
+    across row counts, without zeroing: every call equals the same call with fresh buffers
+    (under capture, where each call gets its own), the counters stay at multiples of n_splits,
+    and another stream gets buffers of its own."""
+    n = 70000
+    plans = [cd._plan(rows, n, torch.device("cuda")) for rows in (2, 3, 4)]
+    assert all(p.cooperative for p in plans) and len({p.n_splits for p in plans}) == 1
+    n_splits = plans[0].n_splits
+
+    def call(rows, seed):
+        s = torch.randn(rows, n, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        s.requires_grad_()
+        y = triton_coor_descent(s, k=5000.0, **CONFIG)
+        return y.detach(), torch.autograd.grad(y, s, torch.ones_like(y))[0]
+
+    cd._SPLIT_BUFFERS.clear()
+    got = [call(rows, seed) for seed, rows in enumerate((2, 3, 4, 2, 4, 3))]
+    stream = torch.cuda.current_stream()
+    (key,) = cd._SPLIT_BUFFERS
+    assert key == (stream.device.index, stream.cuda_stream, n_splits)
+    counters = cd._SPLIT_BUFFERS[key][1]
+    assert counters.numel() >= 4 and bool((counters[:4] > 0).all())
+    assert bool((counters % n_splits == 0).all())
+    side = torch.cuda.Stream()
+    side.wait_stream(stream)
+    with torch.cuda.stream(side):
+        on_side = call(3, 5)
+    stream.wait_stream(side)
+    assert len(cd._SPLIT_BUFFERS) == 2
+    for (y, ds), seed, rows in zip(got + [on_side], (0, 1, 2, 3, 4, 5, 5), (2, 3, 4, 2, 4, 3, 3)):
+        # the same call with buffers of its own: captured, then replayed once
+        s = torch.randn(rows, n, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        args = cd._launch_args(s, CONFIG["n_iters"], 5000.0, CONFIG["eps"], CONFIG["eps_init"],
+                               CONFIG["eps_decay"], None)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_fresh, stats, _ = cd.coor_descent_fwd(*args)
+            ds_fresh, _ = cd.coor_descent_bwd(torch.ones_like(s), s, None, None, stats, CONFIG["n_iters"])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, y_fresh) and torch.equal(ds, ds_fresh)
+    assert len(cd._SPLIT_BUFFERS) == 2  # the captured calls kept nothing
 
 
 def test_launcher_key_is_no_coarser_than_triton(seeded):
