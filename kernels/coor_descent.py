@@ -368,7 +368,7 @@ def _coor_descent_bwd_kernel(
 # Launch planning and launchers
 # --------------------------------------------------------------------------------------------
 
-# Largest chunk a program keeps in registers (fp32 scores): 32768 = 64 per thread at 16 warps.
+# Largest chunk a program keeps in registers (fp32 scores): 32768 = 128 per thread at 8 warps.
 MAX_REG_BLOCK = 32768
 # A row is split over programs when rows alone leave most SMs idle and a row is this long.
 MIN_SPLIT_N = 16384
@@ -439,8 +439,9 @@ def _make_plan(
         # at <= 1024 elements per program (1024 x 1024: 36.6 vs 45.6 us at 4), 8 at 4096-8192
         # (16 x 4096: 29.3 vs 37.2 at 4; 256 x 8192: 65.4 vs 69.2; split rows of 4096 per program
         # 52-57 vs 59-62); 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7
-        # vs 7.2 ms) except in the cooperative split kernel (4 x 1M fwd 105 vs 126 us).
-        num_warps = 2 if block_n <= 1024 else 4 if block_n <= 2048 else (16 if cooperative and block_n >= 16384 else 8)
+        # vs 7.2 ms), in the cooperative split kernel too (4 x 1M fwd 85.7 vs 102.2 us, bwd 79.6 vs
+        # 94.7, this kernel with int64 counters; an earlier one measured fwd 105 vs 126 the other way).
+        num_warps = 2 if block_n <= 1024 else 4 if block_n <= 2048 else 8
     return _Plan(rows, n, block_n, split_len, n_splits, cooperative, num_warps, triton.next_power_of_2(n_splits))
 
 
