@@ -465,18 +465,21 @@ def _bwd_spec(key) -> tuple[dict, int]:
 
 
 # Split rows exchange partial sums through a buffer and, cooperative, meet at a counter per
-# row. Eager calls keep both per (device, stream, n_splits) and reuse them: the stream runs the
-# kernels that share them one after another, and a counter only grows by whole rounds of its
-# row's n_splits programs, so it never needs zeroing again. That saves an allocation and a fill
-# kernel per forward, ~10 us of host time on the H100 hosts. Under CUDA-graph capture each call
-# gets its own (a graph may be replayed on another stream). int64 counters never wrap.
+# row. Eager forwards keep both per (device, stream, n_splits) and reuse them: the stream runs
+# the kernels that share them one after another, and a counter only grows by whole rounds of
+# its row's n_splits programs, so it never needs zeroing again. That saves an allocation and a
+# fill kernel per forward, ~10 us of host time on the H100 hosts. Fresh ones: under CUDA-graph
+# capture (a graph may be replayed on another stream), and in the library op that
+# torch.compile runs (cudagraph trees warm up with allocations routed to the graph's pool,
+# where a kept tensor would be a live allocation the trees refuse). int64 counters never wrap.
 _SPLIT_BUFFERS: dict = {}
 
 
-def _split_buffers(device: torch.device, plan: _Plan, n_partials: int) -> tuple[Tensor, Tensor | None]:
-    """-> (fp32 partials of at least n_partials elements, int64 counters [>= rows] or None)."""
+def _split_buffers(device: torch.device, plan: _Plan, n_partials: int, keep: bool) -> tuple[Tensor, Tensor | None]:
+    """-> (fp32 partials of at least n_partials elements, int64 counters [>= rows] or None);
+    kept ones if `keep` and the stream allows it."""
     n_counters = plan.rows if plan.cooperative else 0
-    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+    if keep and device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
         key = (device.index, _current_stream(device.index), plan.n_splits)
         kept = _SPLIT_BUFFERS.get(key)
         if kept is None or kept[0].numel() < n_partials or kept[1].numel() < n_counters:
@@ -500,14 +503,15 @@ _launch_bwd = Launcher(_coor_descent_bwd_kernel)
 
 def coor_descent_fwd(
     s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
-    eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True,
+    eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True, keep_buffers: bool = True,
 ) -> tuple[Tensor, Tensor, tuple | None]:
     """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32, scratch).
 
     write_y=False skips y (returned empty [0]); the offset a_T is stats[:, _STAT_A, n_iters].
     scratch: (plan, partials, barrier counters), the latter two None unless rows are split, for
     coor_descent_bwd to reuse instead of choosing a plan and allocating and zeroing buffers of
-    its own (host time on the autograd engine's thread); None for an empty s.
+    its own (host time on the autograd engine's thread); None for an empty s. keep_buffers=False:
+    split rows get buffers of this call's own (see `_split_buffers`).
     """
     s = s.contiguous()
     rows, n = s.shape
@@ -523,7 +527,7 @@ def coor_descent_fwd(
     k_arg = stats if k_rows is None else k_rows.contiguous()
     part = sync = None
     if plan.n_splits > 1:  # partials [rows, n_iters + 1, n_splits, 2]
-        part, sync = _split_buffers(s.device, plan, rows * (n_iters + 1) * plan.n_splits * 2)
+        part, sync = _split_buffers(s.device, plan, rows * (n_iters + 1) * plan.n_splits * 2, keep_buffers)
     key = (plan, s.dtype, k_arg.dtype, mask is not None, k_rows is not None, write_y, n_iters,
            aligned(s, mask_arg, k_arg))
     # unused pointer arguments get a tensor of the call (the kernel never reads them)
@@ -572,8 +576,8 @@ def coor_descent_bwd(
         phases = (3,) if plan.cooperative else (1, 2)
         if scratch is not None:
             _, part, sync = scratch
-        else:  # partials [rows, n_splits]
-            part, sync = _split_buffers(s.device, plan, rows * plan.n_splits)
+        else:  # partials [rows, n_splits]; called so by the library op only (or directly)
+            part, sync = _split_buffers(s.device, plan, rows * plan.n_splits, keep=False)
     key = (plan, s.dtype, gy_arg.dtype, k_arg.dtype, ga_arg.dtype, mask is not None, k_rows is not None,
            gy is not None, ga is not None, n_iters, aligned(s, gy_arg, mask_arg, k_arg, ga_arg))
     args = (gy_arg, s, mask_arg, k_arg, stats, stats if part is None else part, stats if sync is None else sync,
@@ -617,7 +621,7 @@ def _fake_stats(s: Tensor, n_iters: int) -> Tensor:
 
 @torch.library.custom_op("colt5::coor_descent_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    y, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay)
+    y, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, keep_buffers=False)
     return y, stats
 
 
@@ -629,7 +633,8 @@ def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
 @torch.library.custom_op("colt5::coor_descent_offset_fwd", mutates_args=(), schema=_FWD_SCHEMA)
 def _offset_fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
     """-> (a_T [rows] fp32, stats): the forward without y."""
-    _, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
+    _, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False,
+                                   keep_buffers=False)
     return _offset_of(stats, n_iters, s, mask), stats
 
 

@@ -315,19 +315,39 @@ def test_split_buffers_kept_per_stream_and_fresh_under_capture(monkeypatch):
     def plan(rows, n_splits, cooperative=True):
         return cd._Plan(rows, n_splits * 4096, 4096, 4096, n_splits, cooperative, 8, n_splits)
 
-    part, counters = cd._split_buffers(gpu, plan(2, 16), 100)
+    part, counters = cd._split_buffers(gpu, plan(2, 16), 100, True)
     assert part.numel() == 100 and counters.numel() == 2 and counters.dtype == torch.int64
-    again = cd._split_buffers(gpu, plan(2, 16), 60)
+    again = cd._split_buffers(gpu, plan(2, 16), 60, True)
     assert again[0] is part and again[1] is counters
-    grown = cd._split_buffers(gpu, plan(3, 16), 80)  # more rows: new, larger counters
+    grown = cd._split_buffers(gpu, plan(3, 16), 80, True)  # more rows: new, larger counters
     assert grown[0].numel() == 100 and grown[1].numel() == 3
-    assert cd._split_buffers(gpu, plan(2, 16), 100)[1] is grown[1]
-    assert cd._split_buffers(gpu, plan(2, 16, cooperative=False), 100) == (grown[0], None)
-    assert cd._split_buffers(gpu, plan(2, 8), 10)[0] is not grown[0]
+    assert cd._split_buffers(gpu, plan(2, 16), 100, True)[1] is grown[1]
+    assert cd._split_buffers(gpu, plan(2, 16, cooperative=False), 100, True) == (grown[0], None)
+    assert cd._split_buffers(gpu, plan(2, 8), 10, True)[0] is not grown[0]
     stream[0] = 2
-    assert cd._split_buffers(gpu, plan(2, 16), 100)[0] is not grown[0]
+    assert cd._split_buffers(gpu, plan(2, 16), 100, True)[0] is not grown[0]
     assert sorted(cd._SPLIT_BUFFERS) == [(0, 1, 8), (0, 1, 16), (0, 2, 16)]
+    stream[0] = 1
+    fresh = cd._split_buffers(gpu, plan(2, 16), 100, False)  # the library op's calls
+    assert fresh[0] is not grown[0] and fresh[1] is not grown[1]
     capturing[0] = True
-    first, second = (cd._split_buffers(gpu, plan(2, 16), 100) for _ in range(2))
+    first, second = (cd._split_buffers(gpu, plan(2, 16), 100, True) for _ in range(2))
     assert first[0] is not second[0] and first[1] is not second[1] and len(cd._SPLIT_BUFFERS) == 3
-    assert cd._split_buffers(torch.device("cpu"), plan(2, 16, cooperative=False), 7)[1] is None
+    assert cd._split_buffers(torch.device("cpu"), plan(2, 16, cooperative=False), 7, True)[1] is None
+
+
+def test_only_eager_forwards_keep_split_buffers(monkeypatch):
+    """The eager forward asks to keep its split buffers; the library op (what torch.compile
+    runs, inside cudagraph trees too) and a backward without the forward's scratch do not."""
+    asked = []
+    real = cd._split_buffers
+    monkeypatch.setattr(cd, "_split_buffers", lambda device, plan, n_partials, keep: asked.append(keep)
+                        or real(device, plan, n_partials, keep))
+    monkeypatch.setattr(cd, "_FORCE", {"split_len": 64})
+    s = torch.randn(2, 200, requires_grad=True)
+    for via_op in (False, True):
+        monkeypatch.setattr(cd, "_EAGER_VIA_OP", via_op)
+        asked.clear()
+        y = triton_coor_descent(s, n_iters=3, k=20.0)
+        torch.autograd.grad(y, s, torch.randn_like(y))
+        assert asked == ([False, False] if via_op else [True])

@@ -102,6 +102,25 @@ def test_compile_fullgraph(seeded):
     assert torch.isfinite(s.grad).all()
 
 
+def test_reduce_overhead_compile_of_split_rows(seeded):
+    """torch.compile(mode="reduce-overhead") of a split-row f+b: cudagraph trees warm up with
+    allocations routed to the graph's pool and refuse any that outlive the step (split buffers
+    kept by the op did); replays equal the eager step bitwise."""
+    s = torch.randn(2, 70000, device="cuda", requires_grad=True)
+    g = torch.randn_like(s)
+    assert cd._plan(2, 70000, s.device).cooperative
+
+    def step(x):
+        return torch.autograd.grad(triton_coor_descent(x, k=5000.0, **CONFIG), x, g)[0]
+
+    want = step(s)
+    compiled = torch.compile(lambda x: triton_coor_descent(x, k=5000.0, **CONFIG), mode="reduce-overhead")
+    for _ in range(4):  # warm-up, recording, replays
+        y = compiled(s)
+        (ds,) = torch.autograd.grad(y, s, g)
+        assert torch.equal(ds, want) and torch.equal(y, triton_coor_descent(s.detach(), k=5000.0, **CONFIG))
+
+
 def test_direct_launch_matches_the_jit(seeded, monkeypatch):
     """The Launcher's kept kernels: bitwise the JIT's results, and for every key it built, the
     very kernel Triton's JIT picks for those arguments (its key is never coarser than Triton's).
