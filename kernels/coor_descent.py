@@ -44,7 +44,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_coor_descent_args, eps_schedule
-from .launch import INTERPRET, Launcher, _current_stream, aligned
+from .launch import INTERPRET, Launcher, _current_stream, aligned, off_current_device
 from .reference import coor_descent_offset_reference, coor_descent_reference
 
 
@@ -803,6 +803,9 @@ def _use_op() -> bool:
 
 def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tensor:
     _check_triton_device(s, "triton_coor_descent")
+    if off_current_device(s):  # the backward needs no switch: autograd runs it on s's device
+        with torch.cuda.device(s.device):
+            return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
     if s.numel() == 0:
         return coor_descent_reference(
             s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
@@ -819,6 +822,9 @@ def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tenso
 
 def _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple[Tensor, float]:
     _check_triton_device(s, "coor_descent_offset(backend='triton')")
+    if off_current_device(s):
+        with torch.cuda.device(s.device):
+            return _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask)
     e_T = eps_schedule(n_iters, eps, eps_init, eps_decay)[-1]
     if s.numel() == 0:
         a, _ = coor_descent_offset_reference(

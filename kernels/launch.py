@@ -134,6 +134,13 @@ def _entry_point(kernel) -> tuple:
     return run, ()
 
 
+def off_current_device(t: torch.Tensor) -> bool:
+    """t is a CUDA tensor on a device other than the current one. Triton, and so Launcher,
+    launch on the current device: callers switch first (`with torch.cuda.device(t.device)`).
+    False while torch.compile traces: compiled code runs under inductor's device guard."""
+    return t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != _current_device()
+
+
 def _current_device() -> int:
     return torch._C._cuda_getDevice()  # torch.cuda.current_device() minus its Python checks
 

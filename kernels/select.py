@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_mask, check_scores
-from .launch import INTERPRET, Launcher
+from .launch import INTERPRET, Launcher, off_current_device
 
 # Largest row a program keeps in registers (uint32 keys); longer rows are streamed per pass.
 MAX_REG_BLOCK = 32768
@@ -171,6 +171,9 @@ def top_k_indices(s: Tensor, k: int, *, mask: Tensor | None = None, backend: str
         raise RuntimeError("top_k_indices(backend='triton') needs a CUDA tensor or TRITON_INTERPRET=1")
     elif torch.compiler.is_compiling():
         out = _top_k_op(s2, mask2, int(k))
+    elif off_current_device(s2):
+        with torch.cuda.device(s2.device):
+            out = top_k_indices_triton(s2, mask2, int(k))
     else:
         out = top_k_indices_triton(s2, mask2, int(k))
     return out.view(*lead, k)

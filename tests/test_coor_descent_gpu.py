@@ -121,6 +121,30 @@ def test_reduce_overhead_compile_of_split_rows(seeded):
         assert torch.equal(ds, want) and torch.equal(y, triton_coor_descent(s.detach(), k=5000.0, **CONFIG))
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_tensor_on_another_gpu_than_the_current_one(seeded):
+    """Triton launches on the current device: the public functions switch to the tensor's
+    (one-program and split rows, kept buffers keyed by that device), forward and gradient."""
+    from colt5.kernels import top_k_indices
+
+    assert torch.cuda.current_device() == 0
+    for rows, n in ((4, 1000), (2, 70000)):
+        s = torch.randn(rows, n, device="cuda:1", requires_grad=True)
+        g = torch.randn_like(s)
+        y = triton_coor_descent(s, k=n / 8, **CONFIG)
+        (ds,) = torch.autograd.grad(y, s, g)
+        s64 = s.detach().double().requires_grad_()
+        y64 = coor_descent_reference(s64, k=n / 8, **CONFIG)
+        (ds64,) = torch.autograd.grad(y64, s64, g.double())
+        assert y.device == ds.device == s.device and torch.cuda.current_device() == 0
+        assert_close(y, y64, TOLERANCES[torch.float32][0], "y")
+        assert_grad_close(ds, ds64, y64, TOLERANCES[torch.float32][1])
+        a, _ = coor_descent_offset(s.detach(), k=n / 8, **CONFIG)
+        a64, _ = coor_descent_offset(s64.detach(), k=n / 8, **CONFIG, backend="reference")
+        assert_close(a, a64, 1e-5, "a_T")
+        assert torch.equal(top_k_indices(s.detach(), 7), top_k_indices(s.detach(), 7, backend="reference"))
+
+
 def test_direct_launch_matches_the_jit(seeded, monkeypatch):
     """The Launcher's kept kernels: bitwise the JIT's results, and for every key it built, the
     very kernel Triton's JIT picks for those arguments (its key is never coarser than Triton's).
@@ -148,7 +172,7 @@ def test_direct_launch_matches_the_jit(seeded, monkeypatch):
     for launcher in (cd._launch_fwd, cd._launch_bwd):
         assert launcher.kernels, "no kernel was kept"
         for key, kept in launcher.kernels.items():
-            assert kept[-1] is not None and key[0] == torch.cuda.current_device()
+            assert kept[-1] is not None and 0 <= key[0] < torch.cuda.device_count()  # kept per device
 
 
 def _keyed_calls(monkeypatch) -> list:
