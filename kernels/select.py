@@ -107,6 +107,9 @@ _POISON = False
 
 def top_k_indices_triton(s: Tensor, mask: Tensor | None, k: int) -> Tensor:
     """[rows, n] -> [rows, k] int64 on the Triton kernel (no argument checks)."""
+    if off_current_device(s):  # Triton launches on the current device
+        with torch.cuda.device(s.device):
+            return top_k_indices_triton(s, mask, k)
     s = s.contiguous()
     rows, n = s.shape
     out = torch.empty((rows, k), device=s.device, dtype=torch.int64)
@@ -171,9 +174,6 @@ def top_k_indices(s: Tensor, k: int, *, mask: Tensor | None = None, backend: str
         raise RuntimeError("top_k_indices(backend='triton') needs a CUDA tensor or TRITON_INTERPRET=1")
     elif torch.compiler.is_compiling():
         out = _top_k_op(s2, mask2, int(k))
-    elif off_current_device(s2):
-        with torch.cuda.device(s2.device):
-            out = top_k_indices_triton(s2, mask2, int(k))
     else:
         out = top_k_indices_triton(s2, mask2, int(k))
     return out.view(*lead, k)
