@@ -472,6 +472,8 @@ def _bwd_spec(key) -> tuple[dict, int]:
 # capture (a graph may be replayed on another stream), and in the library op that
 # torch.compile runs (cudagraph trees warm up with allocations routed to the graph's pool,
 # where a kept tensor would be a live allocation the trees refuse). int64 counters never wrap.
+# Assumed: a stream handle is not reused while kernels of a destroyed stream still run (torch's
+# own streams are pooled, never destroyed; an external one freed mid-flight could break that).
 _SPLIT_BUFFERS: dict = {}
 
 
