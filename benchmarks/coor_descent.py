@@ -60,7 +60,7 @@ def peak_mb(fn) -> float:
 
 def check() -> None:
     """CUDA parity against the float64 reference on the code paths the plans pick."""
-    cd = importlib.import_module("colt5.kernels.coor_descent")
+    cd = importlib.import_module("colt5.kernels.soft_topk")
     torch.manual_seed(0)
     cases = [(4, 1000, {}), (3, 50000, {}), (2, 131072, {}), (2, 131072, {"cooperative": False}),
              (64, 40000, {}), (5, 777, {"block_n": 128})]
@@ -85,7 +85,7 @@ def check() -> None:
 def tune() -> None:
     """Forward / forward+backward GPU times (CUDA-graph replay) of forced launch plans, to pick
     the heuristics."""
-    cd = importlib.import_module("colt5.kernels.coor_descent")
+    cd = importlib.import_module("colt5.kernels.soft_topk")
     variants = [{}, {"num_warps": 1}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16},
                 {"split_len": 2048}, {"split_len": 8192}, {"split_len": 32768}, {"cooperative": False}]
     for rows, n in SHAPES:

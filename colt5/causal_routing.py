@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from colt5.kernels.coor_descent import coor_descent_offset
+from colt5.kernels import coor_descent_offset
 from colt5.routers import CoordinateDescentRouter, RouterReturn, check_num_tokens, check_tokens, gather_tokens
 
 __all__ = ["CausalCoordinateDescentRouter", "soft_top_k_offset"]

@@ -1,4 +1,4 @@
-"""Coordinate-descent soft top-k: Triton kernels, launchers, the torch.library op, public entry points.
+"""Coordinate-descent soft top-k: the Triton kernels (launched from `kernels/soft_topk.py`).
 
 Shapes: s, mask, y, ds are [rows, n] inside (the public functions flatten [..., n]); a per-row
 k, the offset a_T and its gradient ga are [rows]; stats is [rows, 5, T + 1] fp32 with
@@ -22,9 +22,7 @@ Rows of few programs' worth of work are split over several programs that exchang
 partial sums (count/max, then unclamped mass U and clamped count C) through a small buffer:
   * cooperative (CUDA only, grid <= SM count so every program is resident): one launch, the
     programs of a row meet at a spin barrier on a per-row counter after each iteration (and
-    the backward's programs once, to add up abar_T). Eager calls keep the counters and the
-    partials buffer per stream (`_split_buffers`): neither the forward nor the backward on the
-    autograd engine's thread allocates or zeroes them;
+    the backward's programs once, to add up abar_T);
   * multi-launch (everywhere, and the only split path the interpreter runs, since it executes
     programs one after another): launch t finishes iteration t - 1 from the partials and writes
     the partials of iteration t (the backward: phase 1 partial abar_T, phase 2 the rest). No
@@ -33,19 +31,8 @@ partial sums (count/max, then unclamped mass U and clamped count C) through a sm
 
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-from typing import Literal
-
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-
-from .checks import check_coor_descent_args, eps_schedule
-from .launch import INTERPRET, Launcher, _current_stream, aligned, off_current_device
-from .reference import coor_descent_offset_reference, coor_descent_reference
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -100,8 +87,8 @@ def _mass(s, neg_a, M, c):
 def _arrive_and_wait(counter, n_programs):
     """Cooperative barrier of a row's n_programs programs: after this program's stores, count it
     in, then spin until the count reaches the end of the round its arrival fell in. The counter
-    only grows, so it can start at any multiple of n_programs: a zeroed one, or one earlier
-    launches on the same stream left behind (`_split_buffers`). A program gives up
+    only grows, so it can start at any multiple of n_programs (the forward's counters serve the
+    backward's barrier too). A program gives up
     after _SPIN_LIMIT polls (wrong result, no hang) should the programs ever not all be resident."""
     tl.debug_barrier()  # every thread's stores before the one release
     arrived = tl.atomic_add(counter, 1, sem="release")
@@ -116,7 +103,7 @@ def _arrive_and_wait(counter, n_programs):
 @triton.jit
 def _coor_descent_fwd_kernel(
     s_ptr, mask_ptr, k_ptr, y_ptr, stats_ptr, part_ptr, sync_ptr,
-    n, n_splits, n_iters, step_begin, step_end,
+    n, mask_div, n_splits, n_iters, step_begin, step_end,
     log_k, eps, eps_first, eps_decay,
     HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -129,7 +116,7 @@ def _coor_descent_fwd_kernel(
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, n)
     s_row = s_ptr + row * n
-    mask_row = mask_ptr + row * n
+    mask_row = mask_ptr + (row // mask_div) * n  # a mask row may serve mask_div score rows
     y_row = y_ptr + row * n
     n_stat = n_iters + 1
     st = stats_ptr + row * (5 * n_stat)
@@ -291,7 +278,7 @@ def _direct_chunk(s_row, mask_row, gy_row, off, offs, hi, a_T, c_T, inv_e_T,
 @triton.jit
 def _coor_descent_bwd_kernel(
     gy_ptr, s_ptr, mask_ptr, k_ptr, stats_ptr, part_ptr, sync_ptr, ga_ptr, ds_ptr, dk_ptr,
-    n, n_splits, n_iters,
+    n, mask_div, n_splits, n_iters,
     HAS_MASK: tl.constexpr, K_PER_ROW: tl.constexpr, HAS_GY: tl.constexpr, HAS_GA: tl.constexpr,
     BLOCK_N: tl.constexpr, SPLIT_LEN: tl.constexpr, SPLITS_P2: tl.constexpr,
     # 0: whole row here; 1: partial abar_T only; 2: combine the partials, then ds;
@@ -304,7 +291,7 @@ def _coor_descent_bwd_kernel(
     lo = split * SPLIT_LEN
     hi = tl.minimum(lo + SPLIT_LEN, n)
     s_row = s_ptr + row * n
-    mask_row = mask_ptr + row * n
+    mask_row = mask_ptr + (row // mask_div) * n
     gy_row = gy_ptr + row * n
     ds_row = ds_ptr + row * n
     n_stat = n_iters + 1
@@ -362,565 +349,3 @@ def _coor_descent_bwd_kernel(
                     acc += ab * tl.load(st + _STAT_E * n_stat + t)
                     ab = ab * tl.load(st + _STAT_Q * n_stat + t)
                 tl.store(dk_ptr + row, acc / tl.load(k_ptr + row).to(tl.float32))
-
-
-# --------------------------------------------------------------------------------------------
-# Launch planning and launchers
-# --------------------------------------------------------------------------------------------
-
-# Largest chunk a program keeps in registers (fp32 scores): 32768 = 128 per thread at 8 warps.
-MAX_REG_BLOCK = 32768
-# A row is split over programs when rows alone leave most SMs idle and a row is this long.
-MIN_SPLIT_N = 16384
-MIN_SPLIT_LEN = 4096
-
-# Tests set these to force small chunks / splits / the multi-launch path on tiny rows, and to
-# fill outputs with NaN before the kernels write them (an unwritten element then fails).
-_FORCE: dict = {}
-_POISON = False
-
-
-@dataclass(frozen=True, eq=False)  # hashed by identity: launch keys hold the (cached) plan
-class _Plan:
-    """How a [rows, n] call is spread over programs. One object per (rows, n, device, forced
-    options), so a launch key that holds it fixes rows, n and every launch parameter."""
-
-    rows: int
-    n: int
-    block_n: int
-    split_len: int
-    n_splits: int
-    cooperative: bool
-    num_warps: int
-    # n_splits rounded up to a power of 2, kept here: triton.next_power_of_2 costs ~4 us of
-    # host time per call (a ConstexprFunction), twice per eager step.
-    splits_p2: int
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return (self.rows, self.n_splits, 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
-
-
-def _plan(rows: int, n: int, device: torch.device) -> _Plan:
-    if _FORCE:
-        return _cached_plan(rows, n, device, tuple(_FORCE.items()))
-    return _cached_plan(rows, n, device)
-
-
-@functools.lru_cache(maxsize=1024)
-def _cached_plan(rows: int, n: int, device: torch.device, force: tuple = ()) -> _Plan:
-    return _make_plan(rows, n, device, **dict(force))
-
-
-def _make_plan(
-    rows: int, n: int, device: torch.device, *, block_n: int | None = None, split_len: int | None = None,
-    cooperative: bool = True, num_warps: int | None = None,
-) -> _Plan:
-    sms = _num_sms(device)
-    if split_len is None:
-        if n >= MIN_SPLIT_N and rows * 2 <= sms:
-            n_splits = max(1, min(sms // rows, triton.cdiv(n, MIN_SPLIT_LEN)))
-            split_len = triton.cdiv(n, n_splits)
-        else:
-            split_len = n
-    block_n = min(block_n or MAX_REG_BLOCK, triton.next_power_of_2(split_len))
-    split_len = triton.cdiv(split_len, block_n) * block_n
-    n_splits = triton.cdiv(n, split_len)
-    cooperative = cooperative and n_splits > 1 and device.type == "cuda" and not INTERPRET and rows * n_splits <= sms
-    if num_warps is None:
-        # H100, CUDA-graph f+b (`coor_descent.py --tune`, benchmarks/NOTES-coor_descent.md): 2 warps
-        # at <= 1024 elements per program (1024 x 1024: 36.6 vs 45.6 us at 4), 8 at 4096-8192
-        # (16 x 4096: 29.3 vs 37.2 at 4; 256 x 8192: 65.4 vs 69.2; split rows of 4096 per program
-        # 52-57 vs 59-62); 8 beats 16 at 32768 per program (1024 x 32768 fwd 367 vs 494 us, bwd 0.7
-        # vs 7.2 ms), in the cooperative split kernel too (4 x 1M fwd 85.7 vs 102.2 us, bwd 79.6 vs
-        # 94.7, this kernel with int64 counters; an earlier one measured fwd 105 vs 126 the other way).
-        num_warps = 2 if block_n <= 1024 else 4 if block_n <= 2048 else 8
-    return _Plan(rows, n, block_n, split_len, n_splits, cooperative, num_warps, triton.next_power_of_2(n_splits))
-
-
-# Launches go through Launcher.keyed with keys built from the plan, the dtypes, the flags, the
-# pointers' alignment and the step (forward) or phase (backward): together they fix every
-# specialization of the runtime arguments (the integers are all functions of the plan, n_iters
-# and the step or phase), and the constexprs and warps are read back from the key on a miss.
-
-
-def _fwd_spec(key) -> tuple[dict, int]:
-    plan, _, _, has_mask, k_per_row, write_y, *_ = key
-    return dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, BLOCK_N=plan.block_n, SPLIT_LEN=plan.split_len,
-                SPLITS_P2=plan.splits_p2, SPLIT=plan.n_splits > 1, COOPERATIVE=plan.cooperative,
-                WRITE_Y=write_y), plan.num_warps
-
-
-def _bwd_spec(key) -> tuple[dict, int]:
-    plan, _, _, _, _, has_mask, k_per_row, has_gy, has_ga, _, _, phase = key
-    return dict(HAS_MASK=has_mask, K_PER_ROW=k_per_row, HAS_GY=has_gy, HAS_GA=has_ga, BLOCK_N=plan.block_n,
-                SPLIT_LEN=plan.split_len, SPLITS_P2=plan.splits_p2, PHASE=phase), plan.num_warps
-
-
-# Split rows exchange partial sums through a buffer and, cooperative, meet at a counter per
-# row. Eager forwards keep both per (device, stream, n_splits) and reuse them: the stream runs
-# the kernels that share them one after another, and a counter only grows by whole rounds of
-# its row's n_splits programs, so it never needs zeroing again. That saves an allocation and a
-# fill kernel per forward, ~10 us of host time on the H100 hosts. Fresh ones: under CUDA-graph
-# capture (a graph may be replayed on another stream), and in the library op that
-# torch.compile runs (cudagraph trees warm up with allocations routed to the graph's pool,
-# where a kept tensor would be a live allocation the trees refuse). int64 counters never wrap.
-# Assumed: a stream handle is not reused while kernels of a destroyed stream still run (torch's
-# own streams are pooled, never destroyed; an external one freed mid-flight could break that).
-_SPLIT_BUFFERS: dict = {}
-
-
-def _split_buffers(device: torch.device, plan: _Plan, n_partials: int, keep: bool) -> tuple[Tensor, Tensor | None]:
-    """-> (fp32 partials of at least n_partials elements, int64 counters [>= rows] or None);
-    kept ones if `keep` and the stream allows it."""
-    n_counters = plan.rows if plan.cooperative else 0
-    if keep and device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-        key = (device.index, _current_stream(device.index), plan.n_splits)
-        kept = _SPLIT_BUFFERS.get(key)
-        if kept is None or kept[0].numel() < n_partials or kept[1].numel() < n_counters:
-            if kept is not None:  # grow, never shrink: calls with other row counts share the entry
-                n_partials, n_counters = max(n_partials, kept[0].numel()), max(n_counters, kept[1].numel())
-            kept = _SPLIT_BUFFERS[key] = _new_split_buffers(device, n_partials, n_counters)
-        part, counters = kept
-    else:
-        part, counters = _new_split_buffers(device, n_partials, n_counters)
-    return part, (counters if plan.cooperative else None)
-
-
-def _new_split_buffers(device: torch.device, n_partials: int, n_counters: int) -> tuple[Tensor, Tensor]:
-    return (torch.empty(n_partials, device=device, dtype=torch.float32),
-            torch.zeros(n_counters, device=device, dtype=torch.int64))
-
-
-_launch_fwd = Launcher(_coor_descent_fwd_kernel)
-_launch_bwd = Launcher(_coor_descent_bwd_kernel)
-
-
-def coor_descent_fwd(
-    s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int,
-    eps: float, eps_first: float, eps_decay: float, *, write_y: bool = True, keep_buffers: bool = True,
-) -> tuple[Tensor, Tensor, tuple | None]:
-    """s [rows, n] -> (y [rows, n] in s.dtype, stats [rows, 5, n_iters + 1] fp32, scratch).
-
-    write_y=False skips y (returned empty [0]); the offset a_T is stats[:, _STAT_A, n_iters].
-    scratch: (plan, partials, barrier counters), the latter two None unless rows are split, for
-    coor_descent_bwd to reuse instead of choosing a plan and allocating and zeroing buffers of
-    its own (host time on the autograd engine's thread); None for an empty s. keep_buffers=False:
-    split rows get buffers of this call's own (see `_split_buffers`).
-    """
-    s = s.contiguous()
-    rows, n = s.shape
-    y = torch.empty_like(s) if write_y else s.new_empty(0)
-    stats = s.new_empty((rows, _N_STATS, n_iters + 1), dtype=torch.float32)
-    if _POISON:
-        y.fill_(float("nan"))
-        stats.fill_(float("nan"))
-    if rows == 0 or n == 0:
-        return y, stats.zero_(), None
-    plan = _plan(rows, n, s.device)
-    mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
-    k_arg = stats if k_rows is None else k_rows.contiguous()
-    part = sync = None
-    if plan.n_splits > 1:  # partials [rows, n_iters + 1, n_splits, 2]
-        part, sync = _split_buffers(s.device, plan, rows * (n_iters + 1) * plan.n_splits * 2, keep_buffers)
-    key = (plan, s.dtype, k_arg.dtype, mask is not None, k_rows is not None, write_y, n_iters,
-           aligned(s, mask_arg, k_arg))
-    # unused pointer arguments get a tensor of the call (the kernel never reads them)
-    args = (s, mask_arg, k_arg, y if write_y else s, stats, stats if part is None else part,
-            stats if sync is None else sync, n, plan.n_splits, n_iters)
-    # floats even when given ints: Triton would make an int 1 a constant of the kernel
-    scalars = (math.log(k), float(eps), float(eps_first), float(eps_decay))
-    if plan.n_splits == 1 or plan.cooperative:
-        _launch_fwd.keyed((*key, 0), plan.grid, (*args, 0, n_iters + 1, *scalars), _fwd_spec)
-    else:
-        for step in range(n_iters + 1):
-            _launch_fwd.keyed((*key, step), plan.grid, (*args, step, step + 1, *scalars), _fwd_spec)
-    return y, stats, (plan, part, sync)
-
-
-def coor_descent_bwd(
-    gy: Tensor | None, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor, n_iters: int,
-    ga: Tensor | None = None, scratch: tuple | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Gradients from gy = dL/dy [rows, n] and/or ga = dL/da_T [rows] (None: no such gradient)
-    -> (ds [rows, n] in s.dtype, dk [rows] fp32, or None when k is a number). scratch: what
-    coor_descent_fwd returned for these rows (its plan, and its buffers for split rows: the
-    partials buffer is larger than the backward's, the barrier counts rounds from wherever the
-    forward left it), or None."""
-    s = s.contiguous()
-    rows, n = s.shape
-    ds = torch.empty_like(s)
-    dk = None if k_rows is None else s.new_empty(rows, dtype=torch.float32)
-    if _POISON:
-        ds.fill_(float("nan"))
-        if dk is not None:
-            dk.fill_(float("nan"))
-    if rows == 0 or n == 0:
-        return ds, (dk.zero_() if dk is not None else None)
-    plan = _plan(rows, n, s.device) if scratch is None else scratch[0]
-    gy_arg = s if gy is None else gy.contiguous()
-    # a_T of a row with nothing valid is the constant 0: no gradient flows through it.
-    ga_arg = stats if ga is None else (ga * _has_valid(s, mask)).contiguous()
-    mask_arg = s if mask is None else mask.contiguous().view(torch.uint8)
-    k_arg = stats if k_rows is None else k_rows.contiguous()
-    part = sync = None
-    # Without gy, abar_T = ga needs no reduction over the row: every split runs phase 0.
-    if plan.n_splits == 1 or gy is None:
-        phases = (0,)
-    else:  # per-split partial sums of abar_T, exchanged between phases 1 and 2 (or inside 3)
-        phases = (3,) if plan.cooperative else (1, 2)
-        if scratch is not None:
-            _, part, sync = scratch
-        else:  # partials [rows, n_splits]; called so by the library op only (or directly)
-            part, sync = _split_buffers(s.device, plan, rows * plan.n_splits, keep=False)
-    key = (plan, s.dtype, gy_arg.dtype, k_arg.dtype, ga_arg.dtype, mask is not None, k_rows is not None,
-           gy is not None, ga is not None, n_iters, aligned(s, gy_arg, mask_arg, k_arg, ga_arg))
-    args = (gy_arg, s, mask_arg, k_arg, stats, stats if part is None else part, stats if sync is None else sync,
-            ga_arg, ds, stats if dk is None else dk, n, plan.n_splits, n_iters)
-    for phase in phases:
-        _launch_bwd.keyed((*key, phase), plan.grid, args, _bwd_spec)
-    return ds, dk
-
-
-# --------------------------------------------------------------------------------------------
-# torch.library ops (opaque to torch.compile: no graph break) and their autograd
-# --------------------------------------------------------------------------------------------
-
-_FWD_SCHEMA = (
-    "(Tensor s, Tensor? mask, Tensor? k_rows, float k, int n_iters, float eps, float eps_first, "
-    "float eps_decay) -> (Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
-    "(Tensor? gy, Tensor s, Tensor? mask, Tensor? k_rows, Tensor stats, Tensor? ga, int n_iters) "
-    "-> (Tensor, Tensor)"
-)
-
-
-def _has_valid(s: Tensor, mask: Tensor | None) -> Tensor:
-    """[rows] bool: the row has a position that takes part (unmasked, not NaN, not -inf)."""
-    valid = (s == s) & (s != float("-inf"))
-    return (valid if mask is None else valid & mask).any(dim=-1)
-
-
-def _offset_of(stats: Tensor, n_iters: int, s: Tensor, mask: Tensor | None) -> Tensor:
-    """a_T [rows] fp32, 0 for a row with nothing valid (a new tensor: a custom op's outputs
-    may not alias one another). Done here, not in the kernel: a select on the last iteration
-    inside the forward kernel's loop miscompiled on an H100 (triton 3.6), giving wrong y."""
-    a = stats[:, _STAT_A.value, n_iters]
-    return torch.where(_has_valid(s, mask), a, torch.zeros_like(a))
-
-
-def _fake_stats(s: Tensor, n_iters: int) -> Tensor:
-    return s.new_empty((s.shape[0], _N_STATS, n_iters + 1), dtype=torch.float32)
-
-
-@torch.library.custom_op("colt5::coor_descent_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    y, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, keep_buffers=False)
-    return y, stats
-
-
-@_fwd_op.register_fake
-def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    return torch.empty_like(s, memory_format=torch.contiguous_format), _fake_stats(s, n_iters)
-
-
-@torch.library.custom_op("colt5::coor_descent_offset_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _offset_fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    """-> (a_T [rows] fp32, stats): the forward without y."""
-    _, stats, _ = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False,
-                                   keep_buffers=False)
-    return _offset_of(stats, n_iters, s, mask), stats
-
-
-@_offset_fwd_op.register_fake
-def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
-    return s.new_empty((s.shape[0],), dtype=torch.float32), _fake_stats(s, n_iters)
-
-
-@torch.library.custom_op("colt5::coor_descent_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(gy, s, mask, k_rows, stats, ga, n_iters):
-    ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters, ga)
-    return ds, (dk if dk is not None else s.new_empty((0,), dtype=torch.float32))
-
-
-@_bwd_op.register_fake
-def _(gy, s, mask, k_rows, stats, ga, n_iters):
-    dk = s.new_empty((s.shape[0] if k_rows is not None else 0,), dtype=torch.float32)
-    return torch.empty_like(s, memory_format=torch.contiguous_format), dk
-
-
-def _setup_context(ctx, inputs, output):
-    s, mask, k_rows, _k, n_iters, *_ = inputs
-    ctx.save_for_backward(s, mask, k_rows, output[1])
-    ctx.n_iters = n_iters
-
-
-def _grads(k_rows, ds, dk) -> tuple:
-    return ds, None, (dk if k_rows is not None else None), None, None, None, None, None
-
-
-def _backward(ctx, gy, _gstats):
-    s, mask, k_rows, stats = ctx.saved_tensors
-    return _grads(k_rows, *_bwd_op(gy, s, mask, k_rows, stats, None, ctx.n_iters))
-
-
-def _offset_backward(ctx, ga, _gstats):
-    s, mask, k_rows, stats = ctx.saved_tensors
-    return _grads(k_rows, *_bwd_op(None, s, mask, k_rows, stats, ga, ctx.n_iters))
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-_offset_fwd_op.register_autograd(_offset_backward, setup_context=_setup_context)
-
-
-class CoorDescentFunction(torch.autograd.Function):
-    """The eager path: same launchers as the library op, without the dispatcher's host cost.
-    The scalars (k, n_iters, eps, eps_first, eps_decay) come as one tuple: apply's host cost
-    grows with its argument count."""
-
-    @staticmethod
-    def forward(ctx, s, mask, k_rows, scalars):
-        y, stats, ctx.scratch = coor_descent_fwd(s, mask, k_rows, *scalars)
-        ctx.save_for_backward(s, mask, k_rows, stats)
-        ctx.n_iters = scalars[1]
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        s, mask, k_rows, stats = ctx.saved_tensors
-        ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, ctx.n_iters, scratch=ctx.scratch)
-        return ds, None, dk, None
-
-
-class CoorDescentOffsetFunction(torch.autograd.Function):
-    """Eager path of the offset: -> a_T [rows] fp32; its backward feeds dL/da_T into abar_T."""
-
-    @staticmethod
-    def forward(ctx, s, mask, k_rows, scalars):
-        _, stats, ctx.scratch = coor_descent_fwd(s, mask, k_rows, *scalars, write_y=False)
-        ctx.save_for_backward(s, mask, k_rows, stats)
-        ctx.n_iters = scalars[1]
-        return _offset_of(stats, scalars[1], s, mask)
-
-    @staticmethod
-    def backward(ctx, ga):
-        s, mask, k_rows, stats = ctx.saved_tensors
-        ds, dk = coor_descent_bwd(None, s, mask, k_rows, stats, ctx.n_iters, ga, ctx.scratch)
-        return ds, None, dk, None
-
-
-def _bare_apply(function: type[torch.autograd.Function]):
-    """function.apply without its Python wrapper (2-3 us of host time per call on our dev CPU:
-    it re-wraps every argument), which only matters for setup_context-style Functions and under
-    functorch transforms; those still go through function.apply."""
-    bare = super(torch.autograd.Function, function).apply
-
-    def apply(*args):
-        if torch._C._are_functorch_transforms_active():
-            return function.apply(*args)
-        return bare(*args)
-
-    return apply
-
-
-_apply_coor_descent = _bare_apply(CoorDescentFunction)
-_apply_coor_descent_offset = _bare_apply(CoorDescentOffsetFunction)
-
-# Tests set this to run the library op (what torch.compile sees) in eager mode too.
-_EAGER_VIA_OP = False
-
-
-# --------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------
-
-
-def triton_coor_descent(
-    s: Tensor,
-    *,
-    n_iters: int,
-    k: float | Tensor,
-    eps: float = 0.1,
-    eps_init: float | None = None,
-    eps_decay: float = 1.0,
-    mask: Tensor | None = None,
-) -> Tensor:
-    """`coor_descent` on the Triton kernels, whatever the device (see `coor_descent`).
-
-    Computes in fp32 for every input dtype (fp64 too) and returns `s.dtype`. On CPU tensors it
-    needs Triton's interpreter, i.e. TRITON_INTERPRET=1 set before colt5 was imported.
-
-    Raises:
-        TypeError / ValueError naming the argument for invalid arguments; RuntimeError for a
-        CPU tensor without the interpreter.
-    """
-    check_coor_descent_args(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-    )
-    return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
-
-
-def _check_triton_device(s: Tensor, name: str) -> None:
-    if not s.is_cuda and not INTERPRET:
-        raise RuntimeError(
-            f"{name} needs a CUDA tensor, or TRITON_INTERPRET=1 set in the environment "
-            f"before colt5 is imported to run the Triton kernels on {s.device.type}; got s on "
-            f"{s.device}. Use coor_descent(...) for the PyTorch reference."
-        )
-
-
-def _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple:
-    """The fwd op's arguments for [..., n] inputs: rows flattened, per-row k in fp32."""
-    n = s.shape[-1]
-    eps_first = max(eps_init if eps_init is not None else eps, eps)
-    # 2-D inputs go in as they are: a reshape, and the view back, would be two more autograd
-    # nodes for the engine to run in an eager backward that is already host-bound.
-    s2 = s if s.dim() == 2 else s.reshape(-1, n)
-    mask2 = mask if mask is None or mask.dim() == 2 else mask.reshape(-1, n)
-    if isinstance(k, Tensor):
-        k_rows, k_val = k.reshape(-1).to(device=s.device, dtype=torch.float32), 1.0
-    else:
-        k_rows, k_val = None, float(k)
-    return (s2, mask2, k_rows, k_val, int(n_iters), float(eps), float(eps_first), float(eps_decay))
-
-
-def _needs_grad(args: tuple) -> bool:
-    """An autograd node is needed: without one (inference, no_grad) the forward skips
-    Function.apply, ~9 us of host time on an H100 host."""
-    s, _, k_rows = args[:3]
-    return torch.is_grad_enabled() and (s.requires_grad or (k_rows is not None and k_rows.requires_grad))
-
-
-def _use_op() -> bool:
-    return _EAGER_VIA_OP or torch.compiler.is_compiling()
-
-
-def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tensor:
-    _check_triton_device(s, "triton_coor_descent")
-    if off_current_device(s):  # the backward needs no switch: autograd runs it on s's device
-        with torch.cuda.device(s.device):
-            return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    if s.numel() == 0:
-        return coor_descent_reference(
-            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-        )
-    args = _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    if _use_op():
-        y, _ = _fwd_op(*args)
-    elif _needs_grad(args):
-        y = _apply_coor_descent(*args[:3], args[3:])
-    else:
-        y, _, _ = coor_descent_fwd(*args)
-    return y if s.dim() == 2 else y.view(s.shape)
-
-
-def _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask) -> tuple[Tensor, float]:
-    _check_triton_device(s, "coor_descent_offset(backend='triton')")
-    if off_current_device(s):
-        with torch.cuda.device(s.device):
-            return _triton_coor_descent_offset(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    e_T = eps_schedule(n_iters, eps, eps_init, eps_decay)[-1]
-    if s.numel() == 0:
-        a, _ = coor_descent_offset_reference(
-            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-        )
-        return a.float(), e_T
-    args = _launch_args(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    if _use_op():
-        a, _ = _offset_fwd_op(*args)
-    elif _needs_grad(args):
-        a = _apply_coor_descent_offset(*args[:3], args[3:])
-    else:
-        _, stats, _ = coor_descent_fwd(*args, write_y=False)
-        a = _offset_of(stats, n_iters, args[0], args[1])
-    return a.view(*s.shape[:-1], 1), e_T
-
-
-def _dispatch(triton_impl, reference_impl, s, n_iters, k, eps, eps_init, eps_decay, mask, backend):
-    """Validate once, then the Triton kernels (CUDA by default, or backend="triton") or the
-    PyTorch reference (backend="reference", or a non-CUDA tensor by default)."""
-    check_coor_descent_args(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
-    )
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
-    if backend == "triton" or (backend is None and s.device.type == "cuda"):
-        return triton_impl(s, n_iters, k, eps, eps_init, eps_decay, mask)
-    return reference_impl(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
-
-
-def coor_descent(
-    s: Tensor,
-    *,
-    n_iters: int,
-    k: float | Tensor,
-    eps: float = 0.1,
-    eps_init: float | None = None,
-    eps_decay: float = 1.0,
-    mask: Tensor | None = None,
-    backend: Literal["triton", "reference"] | None = None,
-) -> Tensor:
-    """Soft top-k over the last dimension of `s` by coordinate descent with epsilon scaling.
-
-    Returns weights `y` of the shape and dtype of `s`, each in [0, 1], summing to about `k` per
-    row: the solution of max_y s.y + eps H(y) s.t. sum(y) = k, 0 <= y <= 1.
-
-    Args:
-        s: scores [..., n], fp32/fp16/bf16 (computed in fp32; fp64 is computed in fp64 by the
-            reference, in fp32 by the Triton kernels).
-        n_iters: iterations, >= 1.
-        k: target sum, a number > 0 or a tensor of shape s.shape[:-1] (per-row k; it gets a
-            gradient when it requires one).
-        eps: final epsilon (> 0); eps_init: first epsilon (default eps); eps_decay in (0, 1]:
-            per-iteration factor, epsilon never going below eps.
-        mask: bool [..., n], True = take part. Masked positions get 0 and no gradient; a fully
-            masked row gives zeros.
-        backend: "triton" or "reference"; default Triton for CUDA tensors, else the reference.
-
-    Non-finite scores: +inf takes weight 1; -inf and NaN are treated as masked (weight 0, zero
-    gradient). Nothing is NaN unless an input is.
-
-    Raises:
-        TypeError / ValueError naming the argument for invalid arguments; RuntimeError for
-        backend="triton" on a CPU tensor without TRITON_INTERPRET=1.
-    """
-    return _dispatch(_triton_coor_descent, coor_descent_reference, s, n_iters, k, eps, eps_init, eps_decay, mask, backend)
-
-
-def coor_descent_offset(
-    s: Tensor,
-    *,
-    n_iters: int,
-    k: float | Tensor,
-    eps: float = 0.1,
-    eps_init: float | None = None,
-    eps_decay: float = 1.0,
-    mask: Tensor | None = None,
-    backend: Literal["triton", "reference"] | None = None,
-) -> tuple[Tensor, float]:
-    """The dual offset of `coor_descent`: (a_T, e_T) with, at every valid position,
-
-        coor_descent(s, ...) == exp(min(s + a_T, 0) / e_T)
-
-    so a caller can apply a row's threshold to other scores (the causal router does). Arguments,
-    validation and the non-finite-score rules are those of `coor_descent`; y is not computed.
-
-    Returns:
-        a_T: [..., 1], fp32 (fp64 for fp64 scores on the reference), differentiable with respect
-            to s (and to a per-row k tensor). A row with no valid position gets a_T = 0 and no
-            gradient through it.
-        e_T: the final epsilon, a Python float (`checks.eps_schedule(...)[-1]`).
-
-    Raises:
-        TypeError / ValueError naming the argument for invalid arguments; RuntimeError for
-        backend="triton" on a CPU tensor without TRITON_INTERPRET=1.
-    """
-    return _dispatch(_triton_coor_descent_offset, coor_descent_offset_reference, s, n_iters, k, eps, eps_init, eps_decay, mask, backend)

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_mask, check_scores
-from .launch import INTERPRET, Launcher, off_current_device
+from .runtime import INTERPRET, off_current_device
 
 # Largest row a program keeps in registers (uint32 keys); longer rows are streamed per pass.
 MAX_REG_BLOCK = 32768
@@ -48,15 +48,47 @@ def _keys(s_row, mask_row, offs, n, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _store_picks(out_row, w_row, real_row, s_row, mask_row, pos, slot, picked, a_T, c_T,
+                 HAS_MASK: tl.constexpr, PICK_WEIGHTS: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr):
+    """Write the picked positions at their slots and, for a router, the soft top-k weight
+    exp(min(s + a_T, 0) / e_T) there (1 with straight-through; 0 where the position does not
+    take part) and whether the pick is a real token (unmasked)."""
+    tl.store(out_row + slot, pos.to(tl.int64), mask=picked)
+    if PICK_WEIGHTS:
+        real = pos >= 0
+        if HAS_MASK:
+            real = tl.load(mask_row + pos, mask=picked, other=0) != 0
+            tl.store(real_row + slot, real.to(tl.int8), mask=picked)
+        if STRAIGHT_THROUGH:
+            w = pos.to(tl.float32) * 0.0 + 1.0
+        else:
+            sc = tl.load(s_row + pos, mask=picked, other=float("-inf")).to(tl.float32)
+            w = tl.where(real & (sc == sc), tl.exp2(tl.minimum(sc + a_T, 0.0) * c_T), 0.0)
+        tl.store(w_row + slot, w, mask=picked)
+
+
+@triton.jit
 def _top_k_indices_kernel(
-    s_ptr, mask_ptr, out_ptr, n, k, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, IN_REGS: tl.constexpr,
+    s_ptr, mask_ptr, out_ptr, w_ptr, real_ptr, stats_ptr, n, k, mask_div, n_stat,
+    HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, IN_REGS: tl.constexpr,
+    PICK_WEIGHTS: tl.constexpr, STRAIGHT_THROUGH: tl.constexpr,
 ):
     # IN_REGS: the row fits one BLOCK_N chunk and stays in registers; otherwise every pass streams it.
+    # PICK_WEIGHTS (routers): also the weights and real flags at the picks, from the soft
+    # top-k's final offset and epsilon in stats [rows, 5, n_stat] (see kernels/coor_descent.py).
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * n
-    mask_row = mask_ptr + row * n
+    mask_row = mask_ptr + (row // mask_div) * n  # a mask row may serve mask_div score rows
     out_row = out_ptr + row * k
+    w_row = w_ptr + row * k
+    real_row = real_ptr + row * k
     offs = tl.arange(0, BLOCK_N)
+    a_T = 0.0
+    c_T = 0.0
+    if PICK_WEIGHTS:
+        if not STRAIGHT_THROUGH:
+            a_T = tl.load(stats_ptr + row * 5 * n_stat + n_stat - 1)  # _STAT_A = 0
+            c_T = 1.4426950408889634 / tl.load(stats_ptr + row * 5 * n_stat + 2 * n_stat + n_stat - 1)  # _STAT_E = 2
     if IN_REGS:
         key = _keys(s_row, mask_row, offs, n, HAS_MASK)
 
@@ -80,7 +112,8 @@ def _top_k_indices_kernel(
         tie_rank = tl.cumsum((key == t).to(tl.int32), axis=0)
         picked = (key > t) | ((key == t) & (tie_rank <= need))
         slot = tl.cumsum(picked.to(tl.int32), axis=0) - 1
-        tl.store(out_row + slot, offs.to(tl.int64), mask=picked)
+        _store_picks(out_row, w_row, real_row, s_row, mask_row, offs, slot, picked, a_T, c_T,
+                     HAS_MASK, PICK_WEIGHTS, STRAIGHT_THROUGH)
     else:
         n_greater = k * 0
         for off in range(0, n, BLOCK_N):
@@ -94,15 +127,33 @@ def _top_k_indices_kernel(
             tie_rank = ties_before + tl.cumsum(tie.to(tl.int32), axis=0)
             picked = (key_c > t) | (tie & (tie_rank <= need))
             slot = picked_before + tl.cumsum(picked.to(tl.int32), axis=0) - 1
-            tl.store(out_row + slot, (off + offs).to(tl.int64), mask=picked)
+            _store_picks(out_row, w_row, real_row, s_row, mask_row, off + offs, slot, picked, a_T, c_T,
+                         HAS_MASK, PICK_WEIGHTS, STRAIGHT_THROUGH)
             ties_before += tl.sum(tie.to(tl.int32), axis=0)
             picked_before += tl.sum(picked.to(tl.int32), axis=0)
 
 
-_launch = Launcher(_top_k_indices_kernel)
 # Tests set these: stream tiny rows in chunks; fill the output with -1 before the kernel writes.
 _FORCE_BLOCK: int | None = None
 _POISON = False
+
+
+def _launch_select(s: Tensor, mask: Tensor | None, k: int, out: Tensor, *, mask_div: int = 1, weights: Tensor | None = None,
+                   real: Tensor | None = None, stats: Tensor | None = None, straight_through: bool = False) -> None:
+    rows, n = s.shape
+    if rows == 0:
+        return
+    block_n = _FORCE_BLOCK or min(MAX_REG_BLOCK, 1 << (n - 1).bit_length())  # next power of 2
+    # warps: <= 64 keys per thread; the two cumsums over a 32768-row need the 16 warps
+    num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
+    pick_weights = weights is not None
+    _top_k_indices_kernel[(rows,)](
+        s, mask_arg, out, weights if pick_weights else out, real if real is not None else out,
+        stats if stats is not None else s, n, k, mask_div, 1 if stats is None else stats.shape[-1],
+        HAS_MASK=mask is not None, BLOCK_N=block_n, IN_REGS=block_n >= n,
+        PICK_WEIGHTS=pick_weights, STRAIGHT_THROUGH=straight_through, num_warps=num_warps,
+    )
 
 
 def top_k_indices_triton(s: Tensor, mask: Tensor | None, k: int) -> Tensor:
@@ -111,18 +162,29 @@ def top_k_indices_triton(s: Tensor, mask: Tensor | None, k: int) -> Tensor:
         with torch.cuda.device(s.device):
             return top_k_indices_triton(s, mask, k)
     s = s.contiguous()
-    rows, n = s.shape
-    out = torch.empty((rows, k), device=s.device, dtype=torch.int64)
+    out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int64)
     if _POISON:
         out.fill_(-1)
-    if rows == 0:
-        return out
-    block_n = _FORCE_BLOCK or min(MAX_REG_BLOCK, 1 << (n - 1).bit_length())  # next power of 2
-    # warps: <= 64 keys per thread; the two cumsums over a 32768-row need the 16 warps
-    num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
-    mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
-    _launch((rows,), (s, mask_arg, out, n, k), dict(HAS_MASK=mask is not None, BLOCK_N=block_n, IN_REGS=block_n >= n), num_warps)
+    _launch_select(s, mask, k, out)
     return out
+
+
+def route_picks_triton(s: Tensor, mask: Tensor | None, k: int, stats: Tensor, *, mask_div: int,
+                       straight_through: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """A router's picks of s [rows, n] in one launch: (indices [rows, k] int64, weights [rows, k]
+    fp32 at the picks (1 with straight-through), real [rows, k] bool (a copy of ones without a
+    mask)). stats: the soft top-k's statistics of these rows."""
+    s = s.contiguous()
+    rows = s.shape[0]
+    out = s.new_empty((rows, k), dtype=torch.int64)
+    weights = s.new_empty((rows, k), dtype=torch.float32)
+    real = torch.ones((rows, k), device=s.device, dtype=torch.bool)
+    if _POISON:
+        out.fill_(-1)
+        weights.fill_(float("nan"))
+    _launch_select(s, mask, k, out, mask_div=mask_div, weights=weights, real=real.view(torch.int8), stats=stats,
+                   straight_through=straight_through)
+    return out, weights, real
 
 
 def top_k_indices_reference(s: Tensor, mask: Tensor | None, k: int) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_mask, check_scores
-from .coor_descent import coor_descent
+from .soft_topk import coor_descent
 
 
 class TopkReturn(NamedTuple):

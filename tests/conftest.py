@@ -76,10 +76,9 @@ def poisoned_kernels():
     """Kernel outputs start as NaN (an unwritten element fails); launch knobs reset after."""
     import importlib
 
-    cd = importlib.import_module("colt5.kernels.coor_descent")
+    cd = importlib.import_module("colt5.kernels.soft_topk")
     cd._POISON = True
     cd._FORCE.clear()
     yield cd
     cd._POISON = False
     cd._FORCE.clear()
-    cd._EAGER_VIA_OP = False

@@ -13,7 +13,7 @@ from colt5 import coor_descent
 from colt5.kernels import coor_descent_reference, triton_coor_descent
 from conftest import TOLERANCES, assert_close, literal_coor_descent
 
-cd = importlib.import_module("colt5.kernels.coor_descent")
+cd = importlib.import_module("colt5.kernels.soft_topk")
 
 
 pytestmark = pytest.mark.usefixtures("poisoned_kernels")
@@ -94,9 +94,9 @@ def test_triton_matches_float64_reference(case, seeded):
         assert (y[list(empty)] == 0).all() and (grads[0][list(empty)] == 0).all()
 
 
-def test_forward_without_grad_skips_the_autograd_node(seeded):
-    """Inference (nothing requires grad, or no_grad) runs the launchers without an autograd
-    Function, with bitwise the values of the differentiable path."""
+def test_forward_without_grad_matches_the_differentiable_path(seeded):
+    """Inference (nothing requires grad, or no_grad) gives bitwise the values of the
+    differentiable path, without an autograd node."""
     from colt5.kernels import coor_descent_offset
 
     s = torch.randn(3, 50)
@@ -114,19 +114,11 @@ def test_forward_without_grad_skips_the_autograd_node(seeded):
         assert got.grad_fn is None and torch.equal(got, want.detach())
 
 
-def test_library_op_path_and_opcheck(seeded):
-    """The op torch.compile sees: same numbers in eager, and torch.library's own checks."""
+def test_library_op_passes_opcheck(seeded):
+    """The op every mode runs passes torch.library's own checks."""
     s = torch.randn(3, 40, requires_grad=True)
     k = (torch.rand(3) * 10 + 1).requires_grad_()
     mask = torch.rand(3, 40) > 0.3
-    cfg = dict(n_iters=5, eps=0.1, eps_init=1.0, eps_decay=0.7, mask=mask)
-    y_fn = triton_coor_descent(s, k=k, **cfg)
-    grads_fn = torch.autograd.grad(y_fn.square().sum(), (s, k))
-    cd._EAGER_VIA_OP = True
-    y_op = triton_coor_descent(s, k=k, **cfg)
-    grads_op = torch.autograd.grad(y_op.square().sum(), (s, k))
-    assert torch.equal(y_fn, y_op)
-    assert all(torch.equal(a, b) for a, b in zip(grads_fn, grads_op))
     args = (s.detach().requires_grad_(), mask, k.detach().requires_grad_(), 1.0, 3, 0.1, 0.5, 0.9)
     torch.library.opcheck(
         torch.ops.colt5.coor_descent_fwd.default, args,
@@ -172,7 +164,7 @@ def test_non_finite_scores(backend, seeded):
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
-    monkeypatch.setattr(cd, "INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("colt5.kernels.runtime"), "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         triton_coor_descent(torch.randn(2, 5), n_iters=2, k=1)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -213,141 +205,3 @@ def test_bad_arguments(fn, case):
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend"):
         coor_descent(S, n_iters=2, k=1, backend="cuda")
-
-
-def test_launcher_key_separates_what_triton_specializes_on():
-    """The direct launch reuses a compiled kernel only for arguments with the same key, so the
-    key must tell apart everything Triton specializes on (the GPU tests check it against the JIT)."""
-    from colt5.kernels.launch import arg_key
-
-    buf = torch.zeros(64)
-    assert arg_key(buf) == arg_key(buf[4:])  # 16-byte offset: still aligned
-    assert arg_key(buf) != arg_key(buf[1:])  # 4-byte offset: not
-    assert arg_key(buf) != arg_key(buf.double())
-    assert arg_key(1) != arg_key(3) and arg_key(16) != arg_key(17) and arg_key(3) == arg_key(5)
-    assert arg_key(2**31 - 16) != arg_key(2**31) != arg_key(2**63)
-    assert arg_key(0.5) == arg_key(3.0)
-    with pytest.raises(TypeError, match="str"):
-        arg_key("x")
-
-
-def test_launcher_keeps_the_jits_kernel_and_launches_it_directly(monkeypatch):
-    """Launcher logic with stand-ins for Triton's JIT and driver (the GPU tests run the real
-    ones): a key's first call goes through the JIT with spec(key)'s constexprs and warps; later
-    calls launch the kept kernel with the grid, the current stream, raw addresses for the
-    leading tensors, the other arguments and the constexprs, and never call spec; a kernel
-    without scratch buffers goes straight to its launcher's C entry point; a registered launch
-    hook sends calls back through the JIT (which calls the hooks)."""
-    from types import SimpleNamespace
-
-    knobs = pytest.importorskip("triton.knobs")  # launch hooks: triton >= 3.4
-    launch = importlib.import_module("colt5.kernels.launch")
-    runs, c_launches, jit_calls, spec_calls = [], [], [], []
-
-    class Compiled:  # a launcher without the C entry point: kernel.run is called
-        function, packed_metadata = "function", "metadata"
-
-        def run(self, *args):
-            runs.append(args)
-
-    class CompiledC(Compiled):  # Triton's CUDA launcher: run.launch is the C entry point
-        run = SimpleNamespace(launch=lambda *args: c_launches.append(args), launch_cooperative_grid=False,
-                              launch_pdl=True, global_scratch_size=0, profile_scratch_size=0)
-
-    class JitFunction:
-        arg_names, constexprs = ["x", "y", "n", "BLOCK"], [3]
-
-        def __getitem__(self, grid):
-            compiled = CompiledC if grid[0] == 4 else Compiled
-            return lambda *args, **kw: jit_calls.append((grid, args, kw)) or compiled()
-
-    monkeypatch.setattr(launch, "ENABLED", True)
-    monkeypatch.setattr(launch, "_current_device", lambda: 0)
-    monkeypatch.setattr(launch, "_current_stream", lambda device: 1234)
-    launcher = launch.Launcher(JitFunction())
-    x, y = torch.zeros(4), torch.ones(4)
-
-    def spec(key):
-        spec_calls.append(key)
-        return {"BLOCK": 16}, 4
-
-    launcher.keyed("key", (2, 1, 1), (x, y, 7), spec)
-    assert jit_calls == [((2, 1, 1), (x, y, 7), {"BLOCK": 16, "num_warps": 4})] and runs == []
-    launcher.keyed("key", (3, 1, 1), (y, x, 9), spec)
-    assert len(jit_calls) == 1 and spec_calls == ["key"]
-    assert runs == [(3, 1, 1, 1234, "function", "metadata", None, None, None, y.data_ptr(), x.data_ptr(), 9, 16)]
-    launcher.keyed("other key", (3, 1, 1), (y, x, 9), spec)
-    assert len(jit_calls) == 2  # a new key compiles (or finds) its own kernel
-
-    launcher.keyed("c key", (4, 1, 1), (x, y, 7), spec)
-    launcher.keyed("c key", (5, 1, 1), (y, x, 9), spec)
-    assert c_launches == [(5, 1, 1, 1234, "function", False, True, None, None, "metadata", None, None, None,
-                           y.data_ptr(), x.data_ptr(), 9, 16)]
-
-    launcher((5,), (x, y, 3), {"BLOCK": 8}, 2)  # keys built from the arguments; grid padded
-    launcher((5,), (y, x, 5), {"BLOCK": 8}, 2)  # same key (ints 3, 5: same class)
-    assert jit_calls[-1][0] == (5, 1, 1) and len(jit_calls) == 4 and runs[-1][:3] == (5, 1, 1)
-
-    assert not launch._launch_hooks_set()
-    hook = lambda metadata: None  # noqa: E731
-    knobs.runtime.launch_enter_hook.add(hook)
-    try:
-        assert launch._launch_hooks_set()
-        launcher.keyed("key", (3, 1, 1), (y, x, 9), spec)
-        assert len(jit_calls) == 5 and len(runs) == 2
-    finally:
-        knobs.runtime.launch_enter_hook.remove(hook)
-
-
-def test_split_buffers_kept_per_stream_and_fresh_under_capture(monkeypatch):
-    """The keeping logic of the split rows' buffers, with the CUDA calls stood in for (the GPU
-    tests run the kernels on them): eager calls on one stream and n_splits share one entry that
-    only grows, another stream or n_splits gets its own, a non-cooperative plan gets no counters,
-    and a call under CUDA-graph capture gets new buffers and keeps nothing."""
-    stream, capturing = [1], [False]
-    monkeypatch.setattr(cd, "_current_stream", lambda index: stream[0])
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
-    monkeypatch.setattr(cd, "_new_split_buffers", lambda device, n_partials, n_counters: (
-        torch.empty(n_partials), torch.zeros(n_counters, dtype=torch.int64)))
-    monkeypatch.setattr(cd, "_SPLIT_BUFFERS", {})
-    gpu = torch.device("cuda", 0)
-
-    def plan(rows, n_splits, cooperative=True):
-        return cd._Plan(rows, n_splits * 4096, 4096, 4096, n_splits, cooperative, 8, n_splits)
-
-    part, counters = cd._split_buffers(gpu, plan(2, 16), 100, True)
-    assert part.numel() == 100 and counters.numel() == 2 and counters.dtype == torch.int64
-    again = cd._split_buffers(gpu, plan(2, 16), 60, True)
-    assert again[0] is part and again[1] is counters
-    grown = cd._split_buffers(gpu, plan(3, 16), 80, True)  # more rows: new, larger counters
-    assert grown[0].numel() == 100 and grown[1].numel() == 3
-    assert cd._split_buffers(gpu, plan(2, 16), 100, True)[1] is grown[1]
-    assert cd._split_buffers(gpu, plan(2, 16, cooperative=False), 100, True) == (grown[0], None)
-    assert cd._split_buffers(gpu, plan(2, 8), 10, True)[0] is not grown[0]
-    stream[0] = 2
-    assert cd._split_buffers(gpu, plan(2, 16), 100, True)[0] is not grown[0]
-    assert sorted(cd._SPLIT_BUFFERS) == [(0, 1, 8), (0, 1, 16), (0, 2, 16)]
-    stream[0] = 1
-    fresh = cd._split_buffers(gpu, plan(2, 16), 100, False)  # the library op's calls
-    assert fresh[0] is not grown[0] and fresh[1] is not grown[1]
-    capturing[0] = True
-    first, second = (cd._split_buffers(gpu, plan(2, 16), 100, True) for _ in range(2))
-    assert first[0] is not second[0] and first[1] is not second[1] and len(cd._SPLIT_BUFFERS) == 3
-    assert cd._split_buffers(torch.device("cpu"), plan(2, 16, cooperative=False), 7, True)[1] is None
-
-
-def test_only_eager_forwards_keep_split_buffers(monkeypatch):
-    """The eager forward asks to keep its split buffers; the library op (what torch.compile
-    runs, inside cudagraph trees too) and a backward without the forward's scratch do not."""
-    asked = []
-    real = cd._split_buffers
-    monkeypatch.setattr(cd, "_split_buffers", lambda device, plan, n_partials, keep: asked.append(keep)
-                        or real(device, plan, n_partials, keep))
-    monkeypatch.setattr(cd, "_FORCE", {"split_len": 64})
-    s = torch.randn(2, 200, requires_grad=True)
-    for via_op in (False, True):
-        monkeypatch.setattr(cd, "_EAGER_VIA_OP", via_op)
-        asked.clear()
-        y = triton_coor_descent(s, n_iters=3, k=20.0)
-        torch.autograd.grad(y, s, torch.randn_like(y))
-        assert asked == ([False, False] if via_op else [True])

@@ -8,7 +8,7 @@ import torch
 from colt5 import topk
 from conftest import assert_close
 
-cd = importlib.import_module("colt5.kernels.coor_descent")
+cd = importlib.import_module("colt5.kernels.soft_topk")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
