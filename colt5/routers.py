@@ -17,12 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from colt5.kernels import coor_descent, top_k_indices
 from colt5.kernels.checks import check_schedule
+from colt5.kernels.routing import RoutePicks, route_top_k
 from colt5.precision import fp32_scores
-
-# Longest row the routers hand to the Triton radix select (see Router.pick).
-SELECT_MAX_N = 16384
 
 
 class RouterReturn(NamedTuple):
@@ -152,20 +149,8 @@ class Router(nn.Module):
 
     @property
     def backend(self) -> str | None:
-        """The soft top-k backend `use_triton` asks for (None: by device)."""
+        """The selection backend `use_triton` asks for (None: by device)."""
         return None if self.use_triton is None else ("triton" if self.use_triton else "reference")
-
-    def soft_top_k(self, scores: Tensor, k: float, mask: Tensor | None) -> Tensor:
-        return coor_descent(
-            scores,
-            n_iters=self.n_iters,
-            k=k,
-            eps=self.eps,
-            eps_init=self.eps_init,
-            eps_decay=self.eps_decay,
-            mask=mask,
-            backend=self.backend,
-        )
 
     def forward(
         self,
@@ -184,13 +169,15 @@ class Router(nn.Module):
             return self._pass_all(x, mask, keep_one_route_dim)
 
         scores = self._checked_score(x, routing_tokens)
-        route_mask = None if mask is None else mask.unsqueeze(1).expand(scores.shape)
+        picks = self.select(scores, mask, num_tokens, random_route)
+        return self._finish(x, picks, keep_one_route_dim)
+
+    def select(self, scores: Tensor, mask: Tensor | None, num_tokens: int, random_route: bool = False) -> RoutePicks:
+        """Scores [b, r, n] (mask [b, n]) -> picks [b, r, k]: within route blocks if set."""
         block = self.route_block_size
-        if block is not None and block < n:
-            indices, weights, picked_real = self._route_in_blocks(scores, route_mask, num_tokens, block, random_route)
-        else:
-            indices, weights, picked_real = self._route_rows(scores, route_mask, num_tokens, random_route)
-        return self._finish(x, indices, weights, picked_real if mask is not None or block is not None else None, keep_one_route_dim)
+        if block is not None and block < scores.shape[-1]:
+            return self._select_in_blocks(scores, mask, num_tokens, block, random_route)
+        return self._select_rows(scores, mask, num_tokens, random_route)
 
     def _pass_all(self, x: Tensor, mask: Tensor | None, keep_one_route_dim: bool) -> RouterReturn:
         """n <= num_tokens: every token passes, with weight 1."""
@@ -209,64 +196,46 @@ class Router(nn.Module):
             raise ValueError(f"{type(self).__name__}.score must return [b, r, n] = {want}, got {tuple(scores.shape)}")
         return scores
 
-    def _finish(
-        self, x: Tensor, indices: Tensor, weights: Tensor, routed_mask: Tensor | None, keep_one_route_dim: bool,
-        routed_tokens: Tensor | None = None,
-    ) -> RouterReturn:
-        """Picks [b, r, k] -> straight-through weights, gathered tokens (unless given), the r dim
-        dropped if asked."""
-        if self.straight_through:
-            weights = weights + (1.0 - weights).detach()
+    def _finish(self, x: Tensor, picks: RoutePicks, keep_one_route_dim: bool, routed_tokens: Tensor | None = None) -> RouterReturn:
+        """Picks [b, r, k] -> gathered tokens (unless given), the r dim dropped if asked."""
+        indices, weights, real = picks
         if routed_tokens is None:
             routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
         if self.num_routing_tokens == 1 and not keep_one_route_dim:
             indices, weights, routed_tokens = indices[:, 0], weights[:, 0], routed_tokens[:, 0]
-            routed_mask = None if routed_mask is None else routed_mask[:, 0]
-        return RouterReturn(indices, weights, routed_tokens, routed_mask)
+            real = None if real is None else real[:, 0]
+        return RouterReturn(indices, weights, routed_tokens, real)
 
-    def _route_rows(
-        self, scores: Tensor, mask: Tensor | None, num_tokens: int, random_route: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Each row of [..., n] picks num_tokens positions: (indices, soft weights, real)."""
+    def _select_rows(self, scores: Tensor, mask: Tensor | None, num_tokens: int, random_route: bool) -> RoutePicks:
+        """Each row of [..., n] picks num_tokens positions (mask of the scores' shape or [b, n])."""
         n = scores.shape[-1]
-        soft = self.soft_top_k(scores, min(float(n), num_tokens * self.fetch_k_ratio), mask)
-        # Rank by the raw score: many soft weights saturate at exactly 1 and would tie.
-        rank = torch.rand_like(scores, dtype=torch.float32) if random_route else scores
-        indices = self.pick(rank, num_tokens, mask)
-        weights = soft.gather(-1, indices)
-        if random_route:
-            weights = torch.ones_like(weights)
-        real = torch.ones_like(indices, dtype=torch.bool) if mask is None else mask.gather(-1, indices)
-        return indices, weights, real
+        if random_route:  # an ablation: uniform picks with weight 1
+            rank = torch.rand_like(scores, dtype=torch.float32)
+            if mask is not None:
+                mask = mask if mask.shape == scores.shape else mask.unsqueeze(1).expand(scores.shape)
+                rank = rank.masked_fill(~mask, -1.0)
+            indices = rank.topk(num_tokens, dim=-1, sorted=False).indices
+            real = None if mask is None else mask.gather(-1, indices)
+            return RoutePicks(indices, torch.ones_like(indices, dtype=scores.dtype), real)
+        return route_top_k(
+            scores, num_tokens=num_tokens, k_soft=min(float(n), num_tokens * self.fetch_k_ratio), n_iters=self.n_iters,
+            eps=self.eps, eps_init=self.eps_init, eps_decay=self.eps_decay, mask=mask,
+            straight_through=self.straight_through, backend=self.backend,
+        )
 
-    def pick(self, rank: Tensor, num_tokens: int, mask: Tensor | None) -> Tensor:
-        """Positions of the num_tokens highest ranks of each row (masked positions last), in no
-        particular order. Rows up to `SELECT_MAX_N` long on the Triton backend take our radix
-        select (H100, k = n/16: 2.5x faster than torch.topk at n <= 16384, slower beyond,
-        benchmarks/top_k.py); the rest take torch.topk without its sort of the output."""
-        triton = self.backend == "triton" or (self.backend is None and rank.is_cuda)
-        if triton and rank.shape[-1] <= SELECT_MAX_N:
-            return top_k_indices(rank, num_tokens, mask=mask, backend="triton")
-        rank = rank.detach().float()
-        if mask is not None:
-            rank = rank.masked_fill(~mask, float("-inf"))
-        return rank.topk(num_tokens, dim=-1, sorted=False).indices
-
-    def _route_in_blocks(
-        self, scores: Tensor, mask: Tensor | None, num_tokens: int, block: int, random_route: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _select_in_blocks(self, scores: Tensor, mask: Tensor | None, num_tokens: int, block: int, random_route: bool) -> RoutePicks:
         b, r, n = scores.shape
         num_blocks = math.ceil(n / block)
         pad = num_blocks * block - n
-        valid = torch.ones(b, r, n, dtype=torch.bool, device=scores.device) if mask is None else mask
+        valid = torch.ones(b, n, dtype=torch.bool, device=scores.device) if mask is None else mask
         scores = F.pad(scores, (0, pad)).view(b, r, num_blocks, block)
-        valid = F.pad(valid, (0, pad), value=False).view(b, r, num_blocks, block)
+        valid = F.pad(valid, (0, pad), value=False).view(b, 1, num_blocks, block).expand(b, r, num_blocks, block)
         per_block = min(block, math.ceil(num_tokens / num_blocks))
-        local, weights, real = self._route_rows(scores, valid, per_block, random_route)
+        local, weights, real = self._select_rows(scores, valid, per_block, random_route)
         starts = torch.arange(num_blocks, device=scores.device).mul_(block).view(1, 1, num_blocks, 1)
         # Picks in the padded tail point at n - 1 with real=False: route_back adds zeros there.
         indices = (local + starts).clamp_max_(n - 1)
-        return indices.flatten(2), weights.flatten(2), real.flatten(2)
+        return RoutePicks(indices.flatten(2), weights.flatten(2), real.flatten(2))
 
     def route_back(self, out: Tensor, routed_out: Tensor, indices: Tensor | None, routed_mask: Tensor | None = None) -> Tensor:
         """Add heavy outputs back at their positions: out [b, n, d] + routed_out [b, (r,) k, d].
@@ -305,20 +274,20 @@ def route_together(
             and all(k == num_tokens for _, k, _ in requests)):
         return [router(x, num_tokens=k, mask=mask, keep_one_route_dim=keep) for router, k, keep in requests]
     scores = torch.cat([router._checked_score(x, None) for router in routers], dim=1)  # [b, sum r, n]
-    route_mask = None if mask is None else mask.unsqueeze(1).expand(scores.shape)
-    indices, weights, real = first._route_rows(scores, route_mask, num_tokens, random_route=False)
+    picks = first._select_rows(scores, mask, num_tokens, False)
     # One gather for all (its backward is one zero-filled [b, n, d] gradient, not one per router).
-    picks = (indices, weights, real, gather_tokens(x, indices))
+    tokens = gather_tokens(x, picks.indices)
     sizes = [router.num_routing_tokens for router in routers]
+    parts = [p.split(sizes, dim=1) if p is not None else [None] * len(sizes) for p in (*picks, tokens)]
     results = []
-    for (router, _, keep), indices, weights, real, tokens in zip(requests, *(p.split(sizes, dim=1) for p in picks)):
-        results.append(router._finish(x, indices, weights, real if mask is not None else None, keep, tokens))
+    for (router, _, keep), indices, weights, real, routed in zip(requests, *parts):
+        results.append(router._finish(x, RoutePicks(indices, weights, real), keep, routed))
     return results
 
 
 def _shares_routing(a: Router, b: Router) -> bool:
     """b routes like a, but for its scores: rows of both can go through one soft top-k and pick."""
-    shared = ("forward", "soft_top_k", "pick", "_route_rows")
+    shared = ("forward", "select", "_select_rows")
     return (
         all(getattr(type(b), name) is getattr(Router, name) for name in shared)
         and a.route_block_size is None and b.route_block_size is None
