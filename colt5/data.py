@@ -1,19 +1,32 @@
 """Byte corpora for the language model: enwik8, an embedded default corpus, a window sampler.
 
-Split rule (one rule for every corpus): of n bytes, the first n*90//100 are train, the next
-n*5//100 validation, the rest test. For enwik8 as distributed (exactly 100,000,000 bytes) this is
-the standard 90M / 5M / 5M split; a file of any other size is accepted and split by the same rule.
+Split rule for a file (`--data`): of n bytes, the first n*90//100 are train, the next n*5//100
+validation, the rest test. For enwik8 as distributed (exactly 100,000,000 bytes) this is the
+standard 90M / 5M / 5M split; a file of any other size is accepted and split by the same rule.
 
-The default corpus, used when no file is given, exists on every machine with Python: the `.py`
-source of the running interpreter's standard library (`sysconfig.get_paths()["stdlib"]`), files
-in sorted relative-path order, skipping test directories and site-packages, concatenated.
-Its size depends on the Python version (about 11 MB for CPython 3.11).
+The default corpus, used when no file is given, is the `.py` source every install of this
+project has: the running interpreter's standard library, its tests included
+(`sysconfig.get_paths()["stdlib"]`, site-packages left out), then the installed packages of
+DEFAULT_PACKAGES in that order (torch, triton, einops, numpy, ...; one not installed is left out).
+About 122 MB (111 MB train) with CPython 3.11.7, torch 2.13.0 and the rest; 103 MB where the
+stdlib comes without its tests, as in some Linux distributions and container images. A
+5,000-step GPU run (164M bytes) sees the train split 1.5 times, against 15 times for the 11 MB
+of stdlib modules alone that this corpus used to be. Files are read in a fixed order (sources in
+that order, sorted relative paths within each), so the same install always gives the same bytes.
+It is split by file, not by byte: a hash of each file's bytes sends about 5 % of the files to
+validation and 5 % to test (file_split), so no file straddles two splits and the copies of a
+duplicated file share one. Loading reads each file once into its split's buffer: 0.6 s (warm
+page cache) and about the corpus's size in memory, so nothing is cached on disk.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
 import os
+import sys
 import sysconfig
 import zipfile
 from dataclasses import dataclass
@@ -28,29 +41,53 @@ __all__ = [
     "split_corpus",
     "read_bytes",
     "load_enwik8",
+    "DEFAULT_PACKAGES",
+    "default_corpus_sources",
+    "default_corpus_files",
+    "file_split",
     "load_default_corpus",
     "load_corpus",
     "RandomWindowSampler",
 ]
 
 ENWIK8_BYTES = 100_000_000
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+# (import name, distribution name) of the packages after the stdlib: this project's dependencies,
+# numpy (the test extra) and torch's own pure-Python dependencies. Sizes of their .py source
+# (torch 2.13.0 CPU wheel, Linux): torch 46 MB, sympy 26, numpy 9.1, networkx 6.5, triton 1.6,
+# the rest under 1 each.
+DEFAULT_PACKAGES = (
+    ("torch", "torch"),
+    ("triton", "triton"),
+    ("einops", "einops"),
+    ("numpy", "numpy"),
+    ("sympy", "sympy"),
+    ("networkx", "networkx"),
+    ("jinja2", "jinja2"),
+    ("packaging", "packaging"),
+    ("local_attention", "local-attention"),
+)
+# site-packages inside the stdlib directory (an install without a venv) holds other packages.
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """A named byte corpus split into train / valid / test uint8 tensors."""
+    """A named byte corpus split into train / valid / test uint8 tensors (num_files: default corpus)."""
 
     name: str
     train: Tensor
     valid: Tensor
     test: Tensor
+    num_files: int | None = None
 
     @property
     def num_bytes(self) -> int:
         return self.train.numel() + self.valid.numel() + self.test.numel()
 
     def describe(self) -> str:
+        if self.num_files is not None:
+            mb = lambda t: f"{t.numel() / 1e6:.1f} MB"  # noqa: E731
+            return f"{self.name}: {mb(self.train)} train, {mb(self.valid)} valid, {mb(self.test)} test, {self.num_files:,} files"
         return (
             f"{self.name}: {self.num_bytes:,} bytes "
             f"(train {self.train.numel():,} / valid {self.valid.numel():,} / test {self.test.numel():,})"
@@ -115,30 +152,86 @@ def load_enwik8(path: str | os.PathLike) -> Corpus:
     return split_corpus(data, name=f"{kind} {os.fspath(path)}")
 
 
-def default_corpus_files() -> list[Path]:
-    """The standard library `.py` files of the running interpreter, in a fixed sorted order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def default_corpus_sources() -> list[tuple[str, str, Path]]:
+    """(label, prefix, root) of each source tree of the default corpus, in the corpus's order.
+
+    The standard library first (prefix "stdlib"), then each installed package of
+    DEFAULT_PACKAGES (prefix = its import name, root = its package directory); a package that is
+    not installed, or is a single module or a namespace package, is left out.
+    """
+    v = sys.version_info
+    sources = [(f"Python {v.major}.{v.minor}.{v.micro} stdlib", "stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+    for module, dist in DEFAULT_PACKAGES:
+        try:
+            spec = importlib.util.find_spec(module)  # locates without importing
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if len(locations) != 1 or not Path(locations[0]).is_dir():
+            continue
+        try:
+            label = f"{module} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            label = module
+        sources.append((label, module, Path(locations[0])))
+    return sources
+
+
+def _source_files(prefix: str, root: Path) -> list[tuple[str, Path]]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
-        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        for name in filenames:
+            if name.endswith(".py"):
+                rel = f"{prefix}/{name}" if rel_dir == "." else f"{prefix}/{rel_dir}/{name}"
+                files.append((rel, Path(dirpath, name)))
+    return sorted(files)
+
+
+def default_corpus_files() -> list[tuple[str, Path]]:
+    """(relative path, path) of every `.py` file of the default corpus, in the corpus's order.
+
+    Relative paths start with the source's prefix: "stdlib/json/decoder.py",
+    "torch/nn/functional.py". Sources in default_corpus_sources() order, files sorted by
+    relative path within each.
+    """
+    return [f for _, prefix, root in default_corpus_sources() for f in _source_files(prefix, root)]
+
+
+def file_split(data: bytes) -> str:
+    """"train", "valid" or "test" for one file of the default corpus, from a hash of its bytes.
+
+    About 5 % of files go to valid and 5 % to test. Hashing the content (not the path) puts
+    identical copies of a file, which the stdlib and packages do hold, in the same split.
+    """
+    bucket = int.from_bytes(hashlib.sha1(data, usedforsecurity=False).digest()[:8], "little") % 10_000
+    return "valid" if bucket < 500 else "test" if bucket < 1000 else "train"
+
+
+def _as_tensor(buffer: bytearray) -> Tensor:
+    # frombuffer shares the bytearray's memory (no copy) but refuses an empty buffer.
+    return torch.frombuffer(buffer, dtype=torch.uint8) if buffer else torch.empty(0, dtype=torch.uint8)
 
 
 def load_default_corpus() -> Corpus:
-    """The embedded default corpus: this interpreter's standard library source (see module doc)."""
-    files = default_corpus_files()
-    if not files:
-        raise ValueError(f"no .py files found under the standard library {sysconfig.get_paths()['stdlib']!r}")
-    chunks = []
-    for f in files:
-        try:
-            chunks.append(f.read_bytes())
-        except OSError:
-            continue  # an unreadable file is skipped; the order of the rest is unchanged
-    data = b"".join(chunks)
-    root = sysconfig.get_paths()["stdlib"]
-    return split_corpus(data, name=f"Python stdlib source ({len(chunks)} .py files under {root})")
+    """The embedded default corpus: the `.py` source of this install (see the module docstring)."""
+    sources = default_corpus_sources()
+    splits = {"train": bytearray(), "valid": bytearray(), "test": bytearray()}
+    num_files = 0
+    for _, prefix, root in sources:
+        for _, path in _source_files(prefix, root):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue  # an unreadable file is skipped; the order of the rest is unchanged
+            if data:
+                splits[file_split(data)] += data  # one copy per file into its split; no per-byte work
+                num_files += 1
+    if not splits["train"]:
+        raise ValueError(f"no .py source found under {', '.join(str(root) for _, _, root in sources)}")
+    name = "default, the .py source of " + " + ".join(label for label, _, _ in sources)
+    return Corpus(name, *(_as_tensor(splits[s]) for s in ("train", "valid", "test")), num_files=num_files)
 
 
 def load_corpus(path: str | os.PathLike | None) -> Corpus:

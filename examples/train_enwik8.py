@@ -7,12 +7,24 @@
     python examples/train_enwik8.py --out runs/colt5 --resume       # continue a stopped run
     torchrun --nproc_per_node=2 examples/train_enwik8.py ...         # DDP (NCCL on CUDA, gloo on CPU)
 
-Without --data the corpus is this Python's standard-library source (colt5.data). Validation is
-reported in bits per byte (bpc). Defaults depend on the device: a small model on CPU, a real size
-(seq-len 4096) on CUDA; any flag overrides them. With --out DIR the run writes
-DIR/metrics.jsonl, DIR/checkpoint.pt, DIR/loss_curve.png (if matplotlib is installed) and
-DIR/summary.json; the last line printed starts with SUMMARY and carries tokens/s, the final
-validation bpc, peak CUDA memory and wall time.
+Without --data the corpus is the `.py` source of this install: Python's standard library and
+torch, triton, einops, numpy, ... (colt5.data, about 120 MB). Validation is reported in bits per
+byte (bpc). Defaults depend on the device: a small model on CPU, a real size (seq-len 4096) on
+CUDA; any flag overrides them. With --out DIR the run writes DIR/metrics.jsonl,
+DIR/checkpoint.pt, DIR/loss_curve.png (if matplotlib is installed) and DIR/summary.json; the last
+line printed starts with SUMMARY and carries tokens/s, the final validation bpc, peak CUDA memory
+and wall time.
+
+A run is never lost or overwritten by accident. A DIR holding another run is refused unless
+--resume (continue it) or --overwrite (start again) is given. Checkpoints are written atomically
+at every evaluation, and on Ctrl-C (exit code 130) at the last finished step (under DDP at the
+next metrics flush, every --log-every steps, so that all ranks stop at the same step). --resume
+restores the run exactly, keeps its model, data and schedule flags (--steps too: the learning
+rate decays over exactly --steps, so to train longer start a new run with a larger --steps), and
+drops the metrics logged after the checkpoint, a line torn by a crash included. Resuming a
+finished run reports it and changes nothing. A non-finite loss stops the run (exit code 1)
+before it can replace the last good checkpoint. Any other mistake is one line on stderr naming
+the problem and the fix, exit code 2, with nothing written.
 
 Only rank 0 prints and writes. The sampler draws the global batch per step from (seed, step) and
 each rank keeps its slice, so resuming restores the data position exactly.
@@ -25,20 +37,26 @@ import json
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from colt5.data import RandomWindowSampler, load_corpus
+from colt5.data import Corpus, RandomWindowSampler, load_corpus
 from colt5.lm import CoLT5LanguageModel
 
-# Per-device defaults for every flag left unset. CPU (2 cores, idle machine, stdlib corpus): the
-# CoLT5 model goes from 8.00 to 3.11 val bpc in 600 steps, 81 s wall, 35k tokens/s (dense: 2.87).
+# Per-device defaults for every flag left unset. CPU (2 cores, idle machine, the earlier 12 MB
+# stdlib-only default corpus): the CoLT5 model goes from 8.00 to 3.11 val bpc in 600 steps, 81 s
+# wall, 35k tokens/s (dense: 2.87).
 DEFAULTS = {
     "cpu": dict(
         steps=600, seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, dim=128, depth=2,
@@ -53,6 +71,29 @@ DEFAULTS = {
 FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "depth", "dense", "seed", "warmup", "steps")
 EVAL_SEED = 12345  # the same validation windows at every evaluation, on every run
 LOG2 = math.log(2.0)
+CHECKPOINT, METRICS, SUMMARY, PLOT = "checkpoint.pt", "metrics.jsonl", "summary.json", "loss_curve.png"
+RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, PLOT)
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "sampler", "rng", "step", "args")
+
+
+class RunError(SystemExit):
+    """A problem the user can fix: main prints "error: <message>" on one line and exits with `code`.
+
+    A SystemExit, so an uncaught one ends the script with the code and no traceback; str() is the
+    message, so a caller of main (a test) can read it.
+    """
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:limit]}"
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -72,15 +113,20 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        raise RunError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="enwik8 (raw, .gz or .zip); default: the embedded stdlib-source corpus")
-    p.add_argument("--steps", type=_positive_int, help="optimizer steps (cpu 600, cuda 5000)")
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="enwik8 (raw, .gz or .zip); default: the embedded Python-source corpus")
+    p.add_argument("--steps", type=_positive_int, help="optimizer steps (cpu 600, cuda 5000); fixed on resume")
     p.add_argument("--seq-len", type=_positive_int, help="context length in bytes (cpu 256, cuda 4096)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch per process (cpu 16, cuda 8)")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (1)")
@@ -98,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, loss_curve.png, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --out)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run, replacing its files")
     p.add_argument("--stop-at", type=_positive_int, default=None, help="stop (checkpointed) after this step, as if interrupted")
     p.add_argument("--seed", type=int, default=None, help="seed for init, data and sampling (0)")
     p.add_argument("--dense", action="store_true", default=None, help="dense transformer of the same width/depth instead of CoLT5")
@@ -105,14 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.resume and args.out is None:
+        raise RunError("--resume needs --out DIR (the run directory holding checkpoint.pt)")
+    if args.overwrite and args.out is None:
+        raise RunError("--overwrite needs --out DIR (the run directory to start afresh)")
+    if args.resume and args.overwrite:
+        raise RunError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if args.data is not None:
+        args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
+    return args
+
+
 def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | None) -> argparse.Namespace:
     """Unset flags take the checkpoint's value when resuming, else the device default."""
     if saved is not None:
         for key in FIXED_ON_RESUME:
             given = getattr(args, key)
-            if given is not None and given != saved[key]:
-                raise SystemExit(f"error: --{key.replace('_', '-')} {given} differs from the checkpoint's {saved[key]}; "
-                                 "a resumed run keeps the model, data and schedule")
+            if given is None or given == saved[key]:
+                continue
+            if key == "steps":
+                raise RunError(
+                    f"--steps {given} differs from the checkpoint's {saved[key]}: --steps is fixed on resume (the learning "
+                    f"rate decays over exactly --steps); to train longer start a new run with --steps {given} in another --out"
+                )
+            raise RunError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's {saved[key]}; "
+                           "a resumed run keeps the model, data and schedule (leave the flag out)")
         for key in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]):
             if getattr(args, key) is None:
                 setattr(args, key, saved[key])
@@ -148,21 +214,41 @@ def model_config(args: argparse.Namespace) -> dict:
     return config
 
 
-# ---- distributed -------------------------------------------------------------------------------
-def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and world > 1:
+# ---- devices and distributed -------------------------------------------------------------------
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(device_arg: str | None, world: int, local_rank: int) -> torch.device:
+    """The device this process trains on; refuses one that does not exist. Changes nothing."""
+    try:
+        device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise RunError(f"--device {device_arg!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise RunError(f"--device {device_arg}: this script trains on cpu or cuda (cuda:N); use one of those")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise RunError(f"--device {device_arg}: {why} (torch {torch.__version__}); use --device cpu")
+    count = torch.cuda.device_count()
+    if world > 1:
         device = torch.device("cuda", local_rank)  # one process per GPU
-    elif device.type == "cuda" and device.index is None:
+    elif device.index is None:
         device = torch.device("cuda", 0)  # set_device and memory stats need an index
+    if device.index >= count:
+        hint = f"start at most {count} processes per node" if world > 1 else f"use cuda:0 to cuda:{count - 1}"
+        raise RunError(f"--device: {device} does not exist, {count} CUDA device(s) visible; {hint}")
+    return device
+
+
+def init_distributed(device: torch.device, world: int) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -172,7 +258,252 @@ def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
     return t
 
 
-# ---- pieces of the loop ------------------------------------------------------------------------
+# ---- the run directory -------------------------------------------------------------------------
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out this run cannot use (a file, not writable, another run's), writing nothing."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
+    parent = out
+    while not parent.exists():  # the directory that --out would be created in
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RunError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunError(f"--out {out}: {parent} is not writable; choose another --out")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume and CHECKPOINT not in existing:
+        stopped = f" (it holds {', '.join(existing)}: that run stopped before its first checkpoint)" if existing else ""
+        raise RunError(f"--resume: no checkpoint at {out / CHECKPOINT}{stopped}; run without --resume to start one")
+    if not resume and not overwrite and existing:
+        if CHECKPOINT in existing:
+            raise RunError(f"{out / CHECKPOINT} exists; pass --resume to continue it, --overwrite to start again, "
+                           "or choose another --out")
+        raise RunError(f"--out {out} holds {', '.join(existing)} of another run and no checkpoint to resume; "
+                       "pass --overwrite to replace them or choose another --out")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint at path, checked to be one of this script's; RunError otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file: torch raises many types
+        raise RunError(f"{path} is not a readable checkpoint ({_first_line(e)}); it may be truncated or another "
+                       "program's: start again with --overwrite or choose another --out") from None
+    args = state.get("args") if isinstance(state, dict) else None
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if isinstance(args, dict):
+        missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
+    if missing or not isinstance(args, dict) or not isinstance(state["step"], int):
+        raise RunError(f"{path} is not a checkpoint of this script (missing {', '.join(missing) or 'a valid args/step'}); "
+                       "start again with --overwrite or choose another --out")
+    return state
+
+
+def read_metrics(path: Path, *, upto: int) -> list[dict]:
+    """The records of metrics.jsonl up to step `upto` (the checkpoint's), to continue the file.
+
+    Records are written before the checkpoint that follows them, so a last line torn by a crash is
+    newer than the checkpoint: it is dropped with the other records after it. A bad line anywhere
+    else is an error.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            if i == len(lines) - 1:
+                break  # torn by a crash mid-write
+            raise RunError(f"{path} line {i + 1} is not a metrics record; delete that line and resume again")
+        if record["step"] <= upto:
+            records.append(record)
+    return records
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out: Path, records: list[dict], *, overwrite: bool) -> None:
+    """Create --out and start metrics.jsonl: the resumed run's records, or empty (rank 0, first write)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in (CHECKPOINT, SUMMARY, PLOT):
+                (out / name).unlink(missing_ok=True)
+        write_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    except OSError as e:
+        raise RunError(f"--out {out} cannot be written ({e.strerror or e}); choose a writable --out") from None
+
+
+def read_summary(out: Path) -> dict:
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+# ---- set-up ------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Everything the training loop, evaluation, checkpointing and the summary share."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    corpus: Corpus
+    sampler: RandomWindowSampler
+    model: nn.Module
+    net: nn.Module  # what the loop calls: the model, wrapped in DDP and/or torch.compile
+    ddp: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    out: Path | None
+    step: int = 0  # optimizer steps done; the model, optimizer and scheduler are at this step
+    saved_step: int = -1  # the step of checkpoint.pt on disk, -1: none
+    records: list[dict] = field(default_factory=list)
+    unwritten: list[str] = field(default_factory=list)  # metrics lines not yet appended to the file
+    pending: list[torch.Tensor] = field(default_factory=list)  # losses of the steps since the last flush
+    bad_grads: torch.Tensor | None = None  # > 0 if a gradient norm since the last flush was not finite
+    committed: dict = field(default_factory=dict)  # sampler and RNG state at `step`
+    last_val: float | None = None
+    train_time: float = 0.0
+    train_steps: int = 0
+    plot_noted: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *a, **k) -> None:
+        if self.is_main:
+            print(*a, **k)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+
+
+def load_data(args: argparse.Namespace, rank: int, world: int) -> tuple[Corpus, RandomWindowSampler]:
+    try:
+        corpus = load_corpus(args.data)
+        # Built here so a too-short corpus fails before any work (and with the flag's name).
+        sampler = RandomWindowSampler(corpus.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                                      rank=rank, world_size=world)
+        RandomWindowSampler(corpus.valid, seq_len=args.seq_len, batch_size=args.batch_size)
+    except (OSError, ValueError) as e:
+        raise RunError(str(e)) from None
+    return corpus, sampler
+
+
+def build_model(args: argparse.Namespace, device: torch.device):
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model = CoLT5LanguageModel(**model_config(args)).to(device)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
+    return model, optimizer, scheduler
+
+
+def restore(run: Run, checkpoint: dict, path: Path) -> None:
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+        run.sampler.load_state_dict(checkpoint["sampler"])
+        set_rng_state(checkpoint["rng"], run.device)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise RunError(f"{path} does not fit this script's model ({_first_line(e)}); start again with --overwrite "
+                       "or choose another --out") from None
+    run.step = run.saved_step = checkpoint["step"]
+
+
+def wrap_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(net, ddp): the module the loop calls, and the DDP wrapper (the model itself on one process)."""
+    net = ddp = model
+    if world > 1:
+        # A context within one routing window gives the routers no gradient (the first window is
+        # routed by position); only then must DDP look for unused parameters.
+        one_window = not args.dense and args.seq_len <= model_config(args)["heavy_window_size"]
+        net = ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=one_window
+        )
+    if args.compile:
+        net = torch.compile(net)
+    return net, ddp
+
+
+def finished_run(out: Path, checkpoint: dict, is_main: bool) -> dict:
+    """--resume of a run that reached --steps: say so and change nothing."""
+    summary = read_summary(out)
+    val = summary.get("final_val_bpc")
+    val_text = f", final val {val:.4f} bpc" if isinstance(val, (int, float)) else ""
+    if is_main:
+        print(f"{out} holds a finished run (step {checkpoint['step']} of {checkpoint['args']['steps']}{val_text}); nothing "
+              "to resume. To train longer start a new run with a larger --steps (--steps is fixed on resume)")
+    return summary
+
+
+def set_up(argv: list[str] | None) -> Run | dict:
+    """Arguments, device, run directory, checkpoint, data, model, optimizer, distributed.
+
+    Every check that can refuse the run comes before the first write. Returns the saved summary
+    instead of a Run when --resume finds a finished run.
+    """
+    args = parse_args(argv)
+    rank, world, local_rank = distributed_env()
+    device = resolve_device(args.device, world, local_rank)
+    out = Path(args.out) if args.out else None
+    checkpoint = None
+    if out is not None:
+        check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
+    if args.resume:
+        checkpoint = load_checkpoint(out / CHECKPOINT)
+    args = fill_defaults(args, device, checkpoint["args"] if checkpoint else None)
+    if checkpoint is not None and checkpoint["step"] >= args.steps:
+        return finished_run(out, checkpoint, rank == 0)
+    if checkpoint is not None and args.stop_at is not None and args.stop_at <= checkpoint["step"]:
+        raise RunError(f"--stop-at {args.stop_at} is not after the checkpoint's step {checkpoint['step']}; "
+                       "pass a later step or leave it out")
+    records = read_metrics(out / METRICS, upto=checkpoint["step"]) if checkpoint else []
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if args.precision == "bf16" and device.type == "cpu":
+        log("note: bf16 autocast on CPU is slow; --precision fp32 is the CPU default")
+
+    corpus, sampler = load_data(args, rank, world)
+    log(f"corpus: {corpus.describe()}")
+    init_distributed(device, world)
+    model, optimizer, scheduler = build_model(args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}, {n_params / 1e6:.2f}M "
+        f"parameters; device {device}, precision {args.precision}, world size {world}")
+    log(f"batch: {world} x {args.batch_size} x {args.grad_accum} sequences of {args.seq_len} bytes per step, {args.steps} steps")
+    run = Run(args=args, rank=rank, world=world, device=device, corpus=corpus, sampler=sampler, model=model, net=model,
+              ddp=model, optimizer=optimizer, scheduler=scheduler, out=out, records=records)
+    if checkpoint is not None:
+        restore(run, checkpoint, out / CHECKPOINT)
+        log(f"resumed from {out / CHECKPOINT} at step {run.step}")
+    run.committed = {"sampler": sampler.state_dict(), "rng": rng_state(device)}
+    run.net, run.ddp = wrap_model(model, args, world, device)
+    if run.is_main and out is not None:
+        prepare_out_dir(out, records, overwrite=args.overwrite)
+    return run
+
+
+# ---- the training loop -------------------------------------------------------------------------
 def lr_lambda(warmup: int, steps: int):
     def f(step: int) -> float:
         if step < warmup:
@@ -183,34 +514,236 @@ def lr_lambda(warmup: int, steps: int):
     return f
 
 
+class InterruptGuard:
+    """Ctrl-C raises KeyboardInterrupt at once, except inside `update()`, where it waits for the end.
+
+    So the model, optimizer and scheduler are always at a whole step when a KeyboardInterrupt
+    lands, and the checkpoint saved then is a consistent one. With `always` (DDP) it only sets
+    `pending`, which the next metrics flush all-reduces, so that every rank stops after the same
+    step: a rank raising at once could leave the others waiting in a collective for ever. Only
+    installed in the main thread when SIGINT has Python's default handler.
+    """
+
+    def __init__(self, *, always: bool = False) -> None:
+        self.always = always
+        self.deferring = self.pending = False
+        self.previous = None
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring or self.always:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def update(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending and not self.always:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+def forward_backward(run: Run) -> torch.Tensor:
+    """One step's micro-batches, gradients accumulated; returns the step's mean loss (no sync)."""
+    args = run.args
+    step_loss = torch.zeros((), device=run.device)
+    for micro in range(args.grad_accum):
+        batch = run.sampler.next_batch().to(run.device, non_blocking=True)
+        sync = nullcontext() if run.world == 1 or micro == args.grad_accum - 1 else run.ddp.no_sync()
+        with sync:
+            with run.autocast():
+                logits = run.net(batch[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            (loss / args.grad_accum).backward()
+        step_loss += loss.detach() / args.grad_accum
+    return step_loss
+
+
+def apply_update(run: Run) -> torch.Tensor:
+    """Clip, step the optimizer and schedule; returns 1.0 if the gradient norm was not finite (no sync)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.committed = {"sampler": run.sampler.state_dict(), "rng": rng_state(run.device)}
+    return (~torch.isfinite(grad_norm)).float()
+
+
+def emit(run: Run, record: dict) -> None:
+    run.records.append(record)
+    run.unwritten.append(json.dumps(record) + "\n")
+
+
+def write_metrics(run: Run) -> None:
+    """Append the unwritten records to metrics.jsonl in one write (rank 0)."""
+    lines, run.unwritten = run.unwritten, []
+    if run.is_main and run.out is not None and lines:
+        with open(run.out / METRICS, "a") as f:
+            f.write("".join(lines))
+
+
+def diverged(run: Run, what: str) -> RunError:
+    kept = f"the last good checkpoint (step {run.saved_step}) is kept" if run.saved_step >= 0 and run.out else "nothing was saved"
+    return RunError(f"training diverged: {what}; {kept}. Start a new run with a lower --lr "
+                    f"(now {run.args.lr:g}; it is fixed on resume)", code=1)
+
+
+def flush_losses(run: Run, guard: InterruptGuard | None = None, *, reduce: bool = True) -> list[float]:
+    """All-reduce the pending step losses (one sync) and emit them; stop on a non-finite one.
+
+    A Ctrl-C that `guard` deferred on any rank raises KeyboardInterrupt on all, after the emits.
+    reduce=False (a KeyboardInterrupt under DDP that did not come through the guard: the ranks are
+    not in step for a collective) only checks this rank's losses, and emits nothing.
+    """
+    stop = torch.tensor(float(guard is not None and guard.pending), device=run.device)
+    values = torch.stack([*run.pending, run.bad_grads, stop])
+    values = (all_reduce_mean(values, run.world) if reduce else values).tolist()
+    run.pending, run.bad_grads = [], torch.zeros((), device=run.device)
+    losses, bad, stop = values[:-2], values[-2], values[-1]
+    first = run.step - len(losses) + 1
+    for i, value in enumerate(losses):
+        if not math.isfinite(value):
+            write_metrics(run)
+            raise diverged(run, f"train loss {value} at step {first + i}")
+        if reduce:
+            emit(run, {"step": first + i, "train_loss": value})
+    if bad:
+        write_metrics(run)
+        raise diverged(run, f"non-finite gradient norm between steps {first} and {run.step}")
+    if stop:
+        raise KeyboardInterrupt
+    return losses
+
+
+def train(run: Run, guard: InterruptGuard) -> None:
+    """Steps up to --steps (or --stop-at): evaluate, sample and checkpoint at their intervals."""
+    from tqdm import tqdm
+
+    args = run.args
+    stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    bar = tqdm(total=args.steps, initial=run.step, disable=not run.is_main or args.no_progress, dynamic_ncols=True, unit="step")
+    tokens_per_step = run.world * args.batch_size * args.grad_accum * args.seq_len
+    if run.step == 0:
+        run.last_val = evaluate(run)
+        emit(run, {"step": 0, "val_bpc": run.last_val})
+        write_metrics(run)
+        bar.write(f"step 0: val {run.last_val:.4f} bpc") if run.is_main else None
+
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    run.pending, run.bad_grads = [], torch.zeros((), device=run.device)
+    t0 = time.perf_counter()
+    run.model.train()
+    while run.step < stop:
+        loss = forward_backward(run)
+        with guard.update():
+            run.bad_grads += apply_update(run)
+            run.pending.append(loss)
+        run.train_steps += 1
+        bar.update(1)
+
+        step = run.step
+        boundary = step % args.eval_every == 0 or step == stop
+        sample_due = args.generate_every and step % args.generate_every == 0
+        if step % args.log_every == 0 or boundary or sample_due:
+            losses = flush_losses(run, guard)
+            run.train_time += time.perf_counter() - t0
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{run.train_steps * tokens_per_step / run.train_time:,.0f}")
+            if boundary:
+                val = evaluate(run)
+                if not math.isfinite(val):
+                    write_metrics(run)
+                    raise diverged(run, f"validation {val} bpc at step {step}")
+                run.last_val = val
+                emit(run, {"step": step, "val_bpc": val})
+                bar.write(f"step {step}: train {losses[-1] / LOG2:.4f} bpc, val {val:.4f} bpc") if run.is_main else None
+            write_metrics(run)
+            if sample_due and run.is_main:
+                bar.write(sample_text(run, step))
+            if boundary:
+                checkpoint(run)
+            t0 = time.perf_counter()
+    bar.close()
+
+
+def interrupted(run: Run | None) -> SystemExit:
+    """Ctrl-C: checkpoint the last finished step if checkpoint.pt is older, say how to go on; exit 130."""
+    if run is None:
+        print("interrupted before training started", file=sys.stderr)
+        return SystemExit(130)
+    saved = run.saved_step
+    if run.out is not None and run.step > run.saved_step:
+        # A second Ctrl-C (or torchrun passing the first one on) must not tear the save.
+        ignoring = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignoring else None
+        try:
+            if run.pending:
+                flush_losses(run, reduce=run.world == 1)  # never checkpoint a diverged model
+            write_metrics(run)
+            checkpoint(run)
+        finally:
+            if ignoring:
+                signal.signal(signal.SIGINT, previous)
+    if run.is_main:
+        if run.out is None:
+            line = f"interrupted at step {run.step}; nothing saved (no --out)"
+        elif run.saved_step < 0:
+            line = f"interrupted before the first step finished; nothing to resume in {run.out} (start again with --overwrite)"
+        else:
+            what = "saved" if run.saved_step > saved else "kept"
+            line = (f"interrupted at step {run.step}; checkpoint {what} at step {run.saved_step}: continue with "
+                    f"`python {os.path.relpath(__file__)} --out {run.out} --resume`")
+        print(line, file=sys.stderr)
+    return SystemExit(130)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, valid, args, device, autocast, rank: int, world: int) -> float:
+def evaluate(run: Run) -> float:
     """Mean validation bits per byte over eval_batches fixed random windows (all ranks)."""
-    sampler = RandomWindowSampler(valid, seq_len=args.seq_len, batch_size=args.batch_size, seed=EVAL_SEED, rank=rank, world_size=world)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    args = run.args
+    sampler = RandomWindowSampler(run.corpus.valid, seq_len=args.seq_len, batch_size=args.batch_size, seed=EVAL_SEED,
+                                  rank=run.rank, world_size=run.world)
+    was_training = run.model.training
+    run.model.eval()
+    total = torch.zeros((), device=run.device, dtype=torch.float64)
     for i in range(args.eval_batches):
-        batch = sampler.batch_at(i).to(device)
-        with autocast():
-            logits = model(batch[:, :-1])
+        batch = sampler.batch_at(i).to(run.device)
+        with run.autocast():
+            logits = run.model(batch[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).double()
-    model.train(was_training)
-    return all_reduce_mean(total / args.eval_batches, world).item() / LOG2
+    run.model.train(was_training)
+    return all_reduce_mean(total / args.eval_batches, run.world).item() / LOG2
 
 
-def sample_text(model, valid, args, device, autocast, step: int) -> str:
+def sample_text(run: Run, step: int) -> str:
+    args, valid, device = run.args, run.corpus.valid, run.device
     g = torch.Generator().manual_seed(args.seed * 7919 + step)
     prime_len = max(1, min(128, args.seq_len // 2))
     start = int(torch.randint(0, valid.numel() - prime_len, (1,), generator=g))
     prime = valid[start : start + prime_len].long().to(device)
     gen_device = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
-    with autocast():
-        out = model.generate(prime, length=args.generate_length, temperature=1.0, top_k=None, generator=gen_device)
+    with run.autocast():
+        out = run.model.generate(prime, length=args.generate_length, temperature=1.0, top_k=None, generator=gen_device)
     decode = lambda t: bytes(t.tolist()).decode("utf-8", errors="replace")  # noqa: E731
     return f"--- sample at step {step} ---\n[prompt] {decode(prime)}\n[model] {decode(out.cpu())}\n---"
 
 
+# ---- checkpointing -----------------------------------------------------------------------------
 def rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
@@ -225,10 +758,30 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, fsync, then rename: a crash never leaves a torn checkpoint.pt."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint(run: Run) -> None:
+    """Save the run at its current step and redraw the loss curve (rank 0, with --out)."""
+    if not (run.is_main and run.out is not None):
+        run.saved_step = run.step
+        return
+    save_checkpoint(run.out / CHECKPOINT, dict(
+        model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        sampler=run.committed["sampler"], rng=run.committed["rng"], step=run.step, args=vars(run.args),
+    ))
+    run.saved_step = run.step
+    note = plot_losses(run.out, run.records)
+    if note and not run.plot_noted:
+        run.log(f"note: {note}")
+        run.plot_noted = True
 
 
 def plot_losses(out: Path, records: list[dict]) -> str | None:
@@ -252,192 +805,65 @@ def plot_losses(out: Path, records: list[dict]) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "loss_curve.png", dpi=120)
+    tmp = out / (PLOT + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, out / PLOT)
     plt.close(fig)
     return None
 
 
-def save_checkpoint(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+# ---- summary -----------------------------------------------------------------------------------
+def summarize(run: Run, wall_start: float) -> dict:
+    """summary.json (rank 0, with --out) and the SUMMARY line; returns the summary on every rank."""
+    args, device = run.args, run.device
+    kind = "dense" if args.dense else "colt5"
+    n_params = sum(p.numel() for p in run.model.parameters())
+    tokens_per_step = run.world * args.batch_size * args.grad_accum * args.seq_len
+    summary = {
+        "model": kind, "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "world_size": run.world, "precision": args.precision, "seq_len": args.seq_len, "step": run.step,
+        "train_tokens_per_s": (run.train_steps * tokens_per_step / run.train_time) if run.train_time > 0 else None,
+        "final_val_bpc": run.last_val,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "wall_s": time.perf_counter() - wall_start, "corpus": run.corpus.name, "corpus_bytes": run.corpus.num_bytes,
+    }
+    if run.is_main:
+        if run.out is not None:
+            write_atomic(run.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+        print(
+            f"SUMMARY model={kind} params={n_params / 1e6:.2f}M device={summary['device']} x{run.world} "
+            f"precision={args.precision} seq_len={args.seq_len} steps={run.step} "
+            f"tokens/s={fmt(summary['train_tokens_per_s'], ',.0f')} val_bpc={fmt(run.last_val, '.4f')} "
+            f"peak_mem_gib={fmt(summary['peak_mem_gib'], '.2f')} wall={summary['wall_s']:.1f}s"
+        )
+    return summary
 
 
 # ---- main --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
-    """Run training; returns the summary dict (rank 0; other ranks return it too, unprinted)."""
+    """Run training; returns the summary dict (rank 0; other ranks return it too, unprinted).
+
+    Exit codes (SystemExit): 2 a mistake the user can fix (one line on stderr, nothing written),
+    1 the loss diverged, 130 interrupted (Ctrl-C; the last finished step is checkpointed).
+    """
     wall_start = time.perf_counter()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume and args.out is None:
-        parser.error("--resume needs --out DIR (the run directory holding checkpoint.pt)")
-    if args.data is not None:
-        args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
-    rank, world, device = setup_distributed(args.device)
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-
-    out = Path(args.out) if args.out else None
-    ckpt_path = out / "checkpoint.pt" if out else None
-    checkpoint = None
-    if args.resume:
-        if not ckpt_path.exists():
-            parser.error(f"--resume: no checkpoint at {ckpt_path}")
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    elif ckpt_path is not None and ckpt_path.exists():
-        parser.error(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
-    args = fill_defaults(args, device, checkpoint["args"] if checkpoint else None)
-    if args.precision == "bf16" and device.type == "cpu":
-        log("note: bf16 autocast on CPU is slow; --precision fp32 is the CPU default")
-
+    run = None
     try:
-        corpus = load_corpus(args.data)
-        # Built here so a too-short corpus fails before any work (and with the flag's name).
-        sampler = RandomWindowSampler(corpus.train, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed, rank=rank, world_size=world)
-        RandomWindowSampler(corpus.valid, seq_len=args.seq_len, batch_size=args.batch_size)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
-    log(f"corpus: {corpus.describe()}")
-
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    model = CoLT5LanguageModel(**model_config(args)).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    kind = "dense" if args.dense else "colt5"
-    log(f"model: {kind}, dim {args.dim}, depth {args.depth}, {n_params / 1e6:.2f}M parameters; device {device}, "
-        f"precision {args.precision}, world size {world}")
-    log(f"batch: {world} x {args.batch_size} x {args.grad_accum} sequences of {args.seq_len} bytes per step, {args.steps} steps")
-
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
-    step = 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        set_rng_state(checkpoint["rng"], device)
-        step = checkpoint["step"]
-        log(f"resumed from {ckpt_path} at step {step}")
-
-    net = ddp = model
-    if world > 1:
-        # A context within one routing window gives the routers no gradient (the first window is
-        # routed by position); only then must DDP look for unused parameters.
-        one_window = not args.dense and args.seq_len <= model_config(args)["heavy_window_size"]
-        net = ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=one_window
-        )
-    if args.compile:
-        net = torch.compile(net)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-    metrics_path = out / "metrics.jsonl" if out else None
-    records: list[dict] = []
-    if is_main and out:
-        out.mkdir(parents=True, exist_ok=True)
-        # A resumed run drops what the stopped run logged after its last checkpoint.
-        records = [r for r in read_metrics(metrics_path) if r["step"] <= step] if checkpoint else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-    def emit(record: dict) -> None:
-        records.append(record)
-        if is_main and metrics_path:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def checkpoint_now() -> None:
-        if is_main and out:
-            save_checkpoint(
-                ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                sampler=sampler.state_dict(), rng=rng_state(device), step=step, args=vars(args),
-            )
-            note = plot_losses(out, records)
-            if note and not getattr(checkpoint_now, "noted", False):
-                log(f"note: {note}")
-                checkpoint_now.noted = True
-
-    from tqdm import tqdm
-
-    stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    bar = tqdm(total=args.steps, initial=step, disable=not is_main or args.no_progress, dynamic_ncols=True, unit="step")
-    tokens_per_step = world * args.batch_size * args.grad_accum * args.seq_len
-    last_val = None
-    if step == 0:
-        last_val = evaluate(model, corpus.valid, args, device, autocast, rank, world)
-        emit({"step": 0, "val_bpc": last_val})
-        bar.write(f"step 0: val {last_val:.4f} bpc") if is_main else None
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    train_time, train_steps, pending = 0.0, 0, []
-    t0 = time.perf_counter()
-    model.train()
-    while step < stop:
-        step_loss = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            batch = sampler.next_batch().to(device, non_blocking=True)
-            sync = nullcontext() if world == 1 or micro == args.grad_accum - 1 else ddp.no_sync()
-            with sync:
-                with autocast():
-                    logits = net(batch[:, :-1])
-                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                (loss / args.grad_accum).backward()
-            step_loss += loss.detach() / args.grad_accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_steps += 1
-        pending.append(step_loss)
-        bar.update(1)
-
-        boundary = step % args.eval_every == 0 or step == stop
-        sample_due = args.generate_every and step % args.generate_every == 0
-        if step % args.log_every == 0 or boundary or sample_due:
-            losses = all_reduce_mean(torch.stack(pending), world).tolist()  # one sync per flush
-            train_time += time.perf_counter() - t0
-            for i, value in enumerate(losses):
-                emit({"step": step - len(losses) + 1 + i, "train_loss": value})
-            pending = []
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{train_steps * tokens_per_step / train_time:,.0f}")
-            if boundary:
-                last_val = evaluate(model, corpus.valid, args, device, autocast, rank, world)
-                emit({"step": step, "val_bpc": last_val})
-                bar.write(f"step {step}: train {losses[-1] / LOG2:.4f} bpc, val {last_val:.4f} bpc") if is_main else None
-            if sample_due and is_main:
-                bar.write(sample_text(model, corpus.valid, args, device, autocast, step))
-            if boundary:
-                checkpoint_now()
-            t0 = time.perf_counter()
-    bar.close()
-
-    summary = {
-        "model": kind, "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "world_size": world, "precision": args.precision, "seq_len": args.seq_len, "step": step,
-        "train_tokens_per_s": (train_steps * tokens_per_step / train_time) if train_time > 0 else None,
-        "final_val_bpc": last_val,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "wall_s": time.perf_counter() - wall_start, "corpus": corpus.name, "corpus_bytes": corpus.num_bytes,
-    }
-    if is_main:
-        if out:
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-        print(
-            f"SUMMARY model={kind} params={n_params / 1e6:.2f}M device={summary['device']} x{world} "
-            f"precision={args.precision} seq_len={args.seq_len} steps={step} "
-            f"tokens/s={fmt(summary['train_tokens_per_s'], ',.0f')} val_bpc={fmt(last_val, '.4f')} "
-            f"peak_mem_gib={fmt(summary['peak_mem_gib'], '.2f')} wall={summary['wall_s']:.1f}s"
-        )
-    if world > 1:
+        try:
+            run = set_up(argv)
+            if isinstance(run, dict):  # --resume of a finished run
+                return run
+            with InterruptGuard(always=run.world > 1) as guard:
+                train(run, guard)
+            summary = summarize(run, wall_start)
+        except KeyboardInterrupt:
+            raise interrupted(run) from None
+    except RunError as e:
+        rank, world, _ = distributed_env()
+        print(f"{f'[rank {rank}] ' if world > 1 else ''}error: {e.message}", file=sys.stderr)
+        raise
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary

@@ -1,30 +1,22 @@
-"""colt5.data (corpora, split, sampler) and examples/train_enwik8.py end to end, resume, DDP."""
+"""examples/train_enwik8.py end to end: training, exact resume, DDP, and every way a run could be lost.
 
-import gzip
+The data tests (split rule, default corpus, sampler) are in test_data.py.
+"""
+
 import importlib.util
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
-import sysconfig
-import zipfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
-
-from colt5.data import (
-    ENWIK8_BYTES,
-    RandomWindowSampler,
-    default_corpus_files,
-    load_corpus,
-    load_default_corpus,
-    load_enwik8,
-    split_corpus,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_enwik8.py"
@@ -42,6 +34,7 @@ def one_thread():
 def load_script():
     spec = importlib.util.spec_from_file_location("train_enwik8", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as importlib's recipe does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -63,103 +56,11 @@ def text_file(tmp_path):
     return path
 
 
-# ---- data ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [100, 1000, 12_345])
-def test_split_is_90_5_5_in_order(n):
-    data = bytes(random.Random(n).randrange(256) for _ in range(n))
-    c = split_corpus(data, name="x")
-    assert (c.train.numel(), c.valid.numel()) == (n * 90 // 100, n * 5 // 100)
-    assert c.num_bytes == n
-    assert bytes(torch.cat([c.train, c.valid, c.test]).tolist()) == data
-
-
-def test_enwik8_size_gives_standard_split():
-    c = split_corpus(torch.zeros(ENWIK8_BYTES, dtype=torch.uint8), name="enwik8")
-    assert (c.train.numel(), c.valid.numel(), c.test.numel()) == (90_000_000, 5_000_000, 5_000_000)
-
-
-def test_raw_gz_zip_read_the_same(tmp_path):
-    data = synthetic_text(3000, seed=1)
-    raw = tmp_path / "enwik8"
-    raw.write_bytes(data)
-    gz = tmp_path / "enwik8.gz"
-    gz.write_bytes(gzip.compress(data))
-    zipped = tmp_path / "enwik8.zip"
-    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("README", "not this one")
-        zf.writestr("enwik8", data)
-    single = tmp_path / "other.zip"
-    with zipfile.ZipFile(single, "w") as zf:
-        zf.writestr("somename.txt", data)
-    expected = load_enwik8(raw)
-    for path in (gz, zipped, single):
-        c = load_corpus(path)
-        for split in ("train", "valid", "test"):
-            assert torch.equal(getattr(c, split), getattr(expected, split)), (path, split)
-
-
-def test_data_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_enwik8(tmp_path / "nope")
-    with pytest.raises(ValueError, match="not a regular file"):
-        load_enwik8(tmp_path)
-    bad_gz = tmp_path / "bad.gz"
-    bad_gz.write_bytes(b"\x1f\x8b" + b"garbage" * 10)
-    with pytest.raises(ValueError, match="could not read"):
-        load_enwik8(bad_gz)
-    many = tmp_path / "many.zip"
-    with zipfile.ZipFile(many, "w") as zf:
-        zf.writestr("a", "1")
-        zf.writestr("b", "2")
-    with pytest.raises(ValueError, match="none is named 'enwik8'"):
-        load_enwik8(many)
-    empty = tmp_path / "empty"
-    empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="empty"):
-        load_enwik8(empty)
-    short = split_corpus(b"x" * 100, name="short")
-    with pytest.raises(ValueError, match="too short for seq_len=90"):
-        RandomWindowSampler(short.train, seq_len=90, batch_size=1)
-
-
-def test_default_corpus_loads_deterministically():
-    files = default_corpus_files()
-    rel = [f.relative_to(sysconfig.get_paths()["stdlib"]).as_posix() for f in files]
-    assert len(files) > 100 and rel == sorted(rel)
-    assert not any({"site-packages", "test", "tests"} & set(r.split("/")) for r in rel)
-    a = load_default_corpus()
-    assert a.num_bytes > 1_000_000 and "stdlib" in a.name
-    assert a.valid.numel() == a.num_bytes * 5 // 100
-    b = load_corpus(None)
-    assert torch.equal(a.train[-1000:], b.train[-1000:]) and torch.equal(a.test, b.test)
-
-
-def test_sampler_windows_determinism_sharding_and_resume():
-    data = torch.arange(5000) % 251  # consecutive values: a contiguous window increases by 1 mod 251
-    data = data.to(torch.uint8)
-    s = RandomWindowSampler(data, seq_len=16, batch_size=6, seed=3)
-    batches = [s.next_batch() for _ in range(4)]
-    for batch in batches:
-        assert batch.shape == (6, 17) and batch.dtype == torch.long
-        assert ((batch[:, 1:] - batch[:, :-1]) % 251 == 1).all()
-    assert not torch.equal(batches[0], batches[1])
-    # Resume: a fresh sampler with the saved state continues identically.
-    state = s.state_dict()
-    s2 = RandomWindowSampler(data, seq_len=16, batch_size=6, seed=3)
-    s2.load_state_dict(state)
-    assert torch.equal(s.next_batch(), s2.next_batch())
-    # Sharding: ranks' slices of a step make up the single-process global batch.
-    ranks = [RandomWindowSampler(data, seq_len=16, batch_size=3, seed=3, rank=r, world_size=2) for r in range(2)]
-    assert torch.equal(torch.cat([r.batch_at(0) for r in ranks]), batches[0])
-    with pytest.raises(ValueError, match="rank"):
-        RandomWindowSampler(data, seq_len=4, batch_size=1, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="seed"):
-        RandomWindowSampler(data, seq_len=4, batch_size=1, seed=4).load_state_dict(state)
-
-
-# ---- training script ----------------------------------------------------------------------------
 TINY = ["--dense", "--seq-len", "32", "--batch-size", "4", "--dim", "32", "--depth", "2", "--eval-batches", "2",
         "--generate-length", "16", "--no-progress", "--log-every", "1", "--device", "cpu", "--lr", "3e-3"]
+# Smaller still, for the tests of refusals and failures: a run of a few steps in well under a second.
+MINI = ["--dense", "--seq-len", "32", "--batch-size", "2", "--dim", "16", "--depth", "1", "--eval-batches", "1",
+        "--generate-every", "0", "--no-progress", "--log-every", "1", "--device", "cpu"]
 
 
 def read_metrics(out: Path):
@@ -169,6 +70,36 @@ def read_metrics(out: Path):
     return train, val
 
 
+def snapshot(path: Path) -> dict:
+    """Every file under path (or path itself) -> its bytes; {} when nothing is there."""
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()} if path.exists() else {}
+
+
+def refused(script, argv, capsys, *, code=2, match=""):
+    """main(argv) must exit with `code` after one stderr line "error: ..." matching `match`."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        script.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == code, (info.value.code, err)
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert match.lower() in err.lower(), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step MINI run (checkpoint at steps 2 and 4) to copy from."""
+    base = tmp_path_factory.mktemp("finished")
+    data = base / "corpus.txt"
+    data.write_bytes(synthetic_text(20_000, seed=2))
+    load_script().main(["--data", str(data), "--steps", "4", "--eval-every", "2", *MINI, "--out", str(base / "run")])
+    return base / "run", data
+
+
+# ---- training and resuming ------------------------------------------------------------------------
 def test_script_end_to_end(tmp_path, text_file, capsys):
     script = load_script()
     out = tmp_path / "run"
@@ -184,9 +115,18 @@ def test_script_end_to_end(tmp_path, text_file, capsys):
     assert (out / "checkpoint.pt").exists() and json.loads((out / "summary.json").read_text())["step"] == 30
     assert summary["final_val_bpc"] == val[30] and summary["train_tokens_per_s"] > 0
     assert importlib.util.find_spec("matplotlib") is None or (out / "loss_curve.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted({"checkpoint.pt", "metrics.jsonl", "summary.json"}
+                                                           | ({"loss_curve.png"} if (out / "loss_curve.png").exists() else set()))
     # An existing run directory is not overwritten without --resume.
-    with pytest.raises(SystemExit):
-        script.main(["--data", str(text_file), "--steps", "2", "--out", str(out), *TINY])
+    before = snapshot(out)
+    refused(script, ["--data", str(text_file), "--steps", "2", "--out", str(out), *TINY], capsys, match="--resume")
+    # Resuming the finished run reports it in one line and changes nothing.
+    assert script.main(["--out", str(out), "--resume", "--no-progress"]) == json.loads((out / "summary.json").read_text())
+    line = capsys.readouterr().out.strip()
+    assert len(line.splitlines()) == 1 and "finished run (step 30 of 30" in line and "larger --steps" in line, line
+    # Training longer is refused: --steps is fixed on resume (the schedule ends there).
+    refused(script, ["--out", str(out), "--resume", "--steps", "60"], capsys, match="fixed on resume")
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("backbone", ["dense", "routed"])
@@ -198,6 +138,10 @@ def test_resume_gives_the_same_losses(tmp_path, text_file, backbone):
     script.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", "7"])
     _, val_stopped = read_metrics(tmp_path / "stopped")
     assert 7 in val_stopped and 8 not in val_stopped
+    if backbone == "dense":
+        # A crash after the checkpoint at step 7: records of steps 8-9 written, then a torn line.
+        with open(tmp_path / "stopped" / "metrics.jsonl", "a") as f:
+            f.write('{"step": 8, "train_loss": 99.0}\n{"step": 9, "train_loss": 99.0}\n{"step": 10, "train_lo')
     # The resumed run takes model, data and schedule settings from the checkpoint.
     script.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress", "--generate-every", "0", "--log-every", "1"])
     train_a, val_a = read_metrics(tmp_path / "straight")
@@ -207,8 +151,9 @@ def test_resume_gives_the_same_losses(tmp_path, text_file, backbone):
         assert abs(train_a[step] - train_b[step]) <= 1e-6, (step, train_a[step], train_b[step])
     assert abs(val_a[15] - val_b[15]) <= 1e-6 and abs(val_a[16] - val_b[16]) <= 1e-6
     # Changing what defines the run on resume is refused.
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         script.main(["--out", str(tmp_path / "stopped"), "--resume", "--dim", "64"])
+    assert info.value.code == 2
 
 
 def test_script_routed_default_model(tmp_path, text_file, capsys):
@@ -220,18 +165,260 @@ def test_script_routed_default_model(tmp_path, text_file, capsys):
     assert summary["model"] == "colt5" and math.isfinite(summary["final_val_bpc"])
 
 
-def test_script_errors(tmp_path, text_file):
+def test_script_default_corpus_log_line(capsys):
+    """Without --data: the embedded Python-source corpus, named with its size in the log."""
+    summary = load_script().main(["--steps", "1", "--eval-every", "1", *MINI])
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("corpus: "))
+    assert line.startswith("corpus: default, the .py source of Python ") and " stdlib + torch " in line, line
+    assert " MB train, " in line and " MB valid, " in line and line.endswith(" files"), line
+    assert summary["corpus_bytes"] >= 50_000_000 and math.isfinite(summary["final_val_bpc"])
+
+
+# ---- refusals: one line, exit code 2, nothing written ---------------------------------------------
+def test_script_errors(tmp_path, text_file, capsys):
     script = load_script()
-    with pytest.raises(SystemExit, match="does not exist"):
-        script.main(["--data", str(tmp_path / "missing.zip"), "--steps", "1", *TINY])
-    with pytest.raises(SystemExit, match="too short for seq_len"):
-        script.main(["--data", str(text_file), "--steps", "1", *TINY, "--seq-len", "5000"])
-    with pytest.raises(SystemExit):
-        script.main(["--resume", "--steps", "1", *TINY])  # --resume needs --out
-    with pytest.raises(SystemExit):
-        script.main(["--steps", "0", *TINY])
+    refused(script, ["--data", str(tmp_path / "missing.zip"), "--steps", "1", *TINY], capsys, match="does not exist")
+    refused(script, ["--data", str(text_file), "--steps", "1", *TINY, "--seq-len", "5000"], capsys, match="too short for seq_len")
+    refused(script, ["--resume", "--steps", "1", *TINY], capsys, match="--resume needs --out")
+    refused(script, ["--steps", "0", *TINY], capsys, match="--steps")
+    refused(script, ["--lr", "inf", *TINY], capsys, match="positive finite")
+    refused(script, ["--lr", "nan", *TINY], capsys, match="positive finite")
+    refused(script, ["--overwrite", *TINY], capsys, match="--overwrite needs --out")
+    refused(script, ["--out", str(tmp_path / "r"), "--resume", "--overwrite", *TINY], capsys, match="one of them")
+    refused(script, ["--out", str(tmp_path / "r"), "--resume", *TINY], capsys, match="no checkpoint")
+    assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("device", ["cuda", "cuda:7", "foo", "mps"])
+def test_bad_device_is_refused(tmp_path, text_file, capsys, device):
+    if device.startswith("cuda") and torch.cuda.is_available() and (device == "cuda" or torch.cuda.device_count() > 7):
+        pytest.skip("this device exists here")
+    out = tmp_path / "run"
+    match = {"foo": "not a device", "mps": "cpu or cuda"}.get(device, "--device cpu" if not torch.cuda.is_available() else "")
+    refused(load_script(), ["--data", str(text_file), *MINI[:-2], "--device", device, "--out", str(out)], capsys, match=match)
+    assert not out.exists()
+
+
+def test_bad_out_is_refused(tmp_path, text_file, capsys):
+    script = load_script()
+    common = ["--data", str(text_file), "--steps", "2", *MINI]
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    refused(script, [*common, "--out", str(a_file)], capsys, match="is a file")
+    refused(script, [*common, "--out", str(a_file / "run")], capsys, match="is a file")
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("how", ["chmod", "procfs"])
+def test_read_only_out_is_refused(tmp_path, text_file, capsys, how):
+    if how == "chmod":
+        parent = tmp_path / "read_only"
+        parent.mkdir()
+        parent.chmod(0o555)
+        if os.access(parent, os.W_OK):
+            parent.chmod(0o755)
+            pytest.skip("permissions do not stop this user (root)")
+        out = parent / "run"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc")
+        out = Path("/proc/colt5-test-run")  # procfs refuses mkdir, even to root
+    try:
+        refused(load_script(), ["--data", str(text_file), "--steps", "2", *MINI, "--out", str(out)], capsys,
+                match="writ")
+        assert not out.exists()
+    finally:
+        if how == "chmod":
+            parent.chmod(0o755)
+
+
+def test_another_runs_files_need_overwrite(tmp_path, text_file, capsys):
+    """An --out with metrics/summary but no checkpoint (a run that stopped early, or another one)."""
+    script = load_script()
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "val_bpc": 8.0}\n')
+    (out / "summary.json").write_text('{"step": 3}\n')
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    common = ["--data", str(text_file), "--steps", "2", "--eval-every", "2", *MINI, "--out", str(out)]
+    refused(script, common, capsys, match="--overwrite")
+    refused(script, [*common, "--resume"], capsys, match="stopped before its first checkpoint")
+    assert snapshot(out) == before
+    script.main([*common, "--overwrite"])
+    train, val = read_metrics(out)
+    assert sorted(train) == [1, 2] and sorted(val) == [0, 2]
+    assert json.loads((out / "summary.json").read_text())["step"] == 2 and (out / "notes.txt").read_text() == "mine"
+    # --overwrite also starts afresh over a checkpointed run.
+    script.main(["--data", str(text_file), "--steps", "3", "--eval-every", "3", *MINI, "--out", str(out), "--overwrite"])
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3 and sorted(read_metrics(out)[0]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "foreign", "wrong-model"])
+def test_bad_checkpoint_is_refused(tmp_path, finished_run, capsys, damage):
+    src, data = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["step"], state["args"]["stop_at"] = 2, None  # an unfinished run, so that resuming has work to do
+    torch.save(state, ckpt)
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    elif damage == "garbage":
+        ckpt.write_bytes(b"not a checkpoint" * 100)
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "foreign":
+        torch.save({"weights": torch.ones(3)}, ckpt)
+    else:
+        state["model"] = {k: v[..., :1] for k, v in state["model"].items()}
+        torch.save(state, ckpt)
+    before = snapshot(out)
+    match = {"foreign": "not a checkpoint of this script", "wrong-model": "does not fit"}.get(damage, "not a readable checkpoint")
+    refused(load_script(), ["--out", str(out), "--resume", "--no-progress"], capsys, match=match)
+    assert snapshot(out) == before
+
+
+def test_bad_metrics_line_mid_file_is_refused(tmp_path, finished_run, capsys):
+    src, _ = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["step"] = 2
+    torch.save(state, out / "checkpoint.pt")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join([lines[0], "garbage\n", *lines[1:]]))
+    before = snapshot(out)
+    refused(load_script(), ["--out", str(out), "--resume", "--no-progress"], capsys, match="line 2")
+    assert snapshot(out) == before
+
+
+def test_stop_at_before_the_checkpoint_is_refused(tmp_path, text_file, capsys):
+    script = load_script()
+    out = tmp_path / "run"
+    script.main(["--data", str(text_file), "--steps", "6", "--eval-every", "2", "--stop-at", "4", *MINI, "--out", str(out)])
+    before = snapshot(out)
+    refused(script, ["--out", str(out), "--resume", "--stop-at", "3"], capsys, match="--stop-at 3")
+    assert snapshot(out) == before
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    script = load_script()
+    path = tmp_path / "checkpoint.pt"
+    script.save_checkpoint(path, {"step": 1})
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(script.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        script.save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+# ---- failures while training: divergence, Ctrl-C --------------------------------------------------
+def test_divergence_stops_the_run(tmp_path, text_file, capsys):
+    script = load_script()
+    out = tmp_path / "run"
+    refused(script, ["--data", str(text_file), "--steps", "4", "--eval-every", "1", *MINI, "--lr", "1e30", "--out", str(out)],
+            capsys, code=1, match="diverged")
+    assert not (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, text_file, capsys, monkeypatch):
+    script = load_script()
+    out = tmp_path / "run"
+    real = script.forward_backward
+
+    def poisoned(run):  # the model's weights turn NaN before step 4 (a blow-up the loss shows only then)
+        if run.step == 3:
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("nan"))
+        return real(run)
+
+    monkeypatch.setattr(script, "forward_backward", poisoned)
+    err = refused(script, ["--data", str(text_file), "--steps", "8", "--eval-every", "2", *MINI, "--out", str(out)],
+                  capsys, code=1, match="train loss nan at step 4")
+    assert "checkpoint (step 2) is kept" in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    train, _ = read_metrics(out)
+    assert sorted(train) == [1, 2, 3]
+
+
+def test_interrupt_saves_the_last_step_and_resumes_exactly(tmp_path, text_file, capsys, monkeypatch):
+    """KeyboardInterrupt in the middle of step 6: checkpoint at step 5, exit 130, exact resume."""
+    script = load_script()
+    common = ["--data", str(text_file), "--steps", "9", "--eval-every", "4", *MINI]
+    script.main([*common, "--out", str(tmp_path / "straight")])
+    real = script.forward_backward
+
+    def interrupt_at_6(run):
+        if run.step == 5:
+            run.sampler.next_batch()  # half-way through the step: the sampler has moved on
+            raise KeyboardInterrupt
+        return real(run)
+
+    monkeypatch.setattr(script, "forward_backward", interrupt_at_6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        script.main([*common, "--out", str(tmp_path / "stopped")])
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 130 and len(err.splitlines()) == 1, err
+    assert "interrupted at step 5; checkpoint saved at step 5" in err and "--resume" in err, err
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["step"] == 5
+    monkeypatch.undo()
+    script.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress"])
+    train_a, val_a = read_metrics(tmp_path / "straight")
+    train_b, val_b = read_metrics(tmp_path / "stopped")
+    assert sorted(train_b) == list(range(1, 10)) and sorted(val_b) == [0, 4, 8, 9]
+    for step in train_a:
+        assert abs(train_a[step] - train_b[step]) <= 1e-6, (step, train_a[step], train_b[step])
+    assert abs(val_a[9] - val_b[9]) <= 1e-6
+
+
+def test_interrupt_guard_defers_ctrl_c_to_the_end_of_an_update():
+    guard = load_script().InterruptGuard()
+    done = []
+    with guard:
+        with pytest.raises(KeyboardInterrupt):
+            with guard.update():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("rest of the update")
+        assert done == ["rest of the update"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the signal lands here, at once
+            done.append("not reached")
+    assert done == ["rest of the update"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_real_process(tmp_path, text_file):
+    """SIGINT to the script: one line on stderr, exit 130, a checkpoint at the last finished step."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), "--data", str(text_file), "--steps", "100000", "--eval-every", "100000",
+           *MINI, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("train_loss") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and "interrupted at step" in err and "--resume" in err, err[-3000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    train, _ = read_metrics(out)
+    assert step >= 3 and sorted(train) == list(range(1, step + 1))
+
+
+# ---- DDP ------------------------------------------------------------------------------------------
 def test_ddp_two_processes_gloo_match_single_process(tmp_path, text_file):
     """2 ranks x batch 2 (gloo, CPU) give the losses of 1 process x batch 4: same global windows.
 
