@@ -1,78 +1,77 @@
-"""The routed block against a dense block of the same width, on one GPU.
+"""Routed blocks and the language model against their dense baselines, on one GPU.
 
-    python benchmarks/block.py                 # table: eager and compiled, fwd+bwd and fwd
-    python benchmarks/block.py --modes eager compiled graphs   # graphs: compile + CUDA graphs
-    python benchmarks/block.py --modes captured  # compile, the whole step in one CUDA graph
-    python benchmarks/block.py --profile 32768 # per-component CUDA time of the routed block
+    python benchmarks/block.py                    # both tables
+    python benchmarks/block.py --no-lm            # the block table only
+    python benchmarks/block.py --sizes 8192 --modes eager compiled graphs --no-lm
+    python benchmarks/block.py --profile 8192     # top kernels of one step of each block, eager
 
-Configuration (issue 6): batch 1, dim 512, light and heavy attention 8 heads x 64, light window
-128, light ff mult 0.5, heavy ff mult 4, heavy tokens (ff, q, kv) = n/16, bf16 autocast,
-forward+backward of output.sum(), and forward alone under no_grad. Baseline: pre-norm dense
-block, SDPA (flash), ff mult 4.
+Block table: batch 1, dim 512, bf16 autocast, forward+backward of the output's sum, median ms
+(`triton.testing.do_bench`), CUDA kernels per forward+backward and GPU-busy ms (the sum of their
+times) from torch.profiler, peak memory of a step above the input. Encoder block: 8 light + 8
+heavy heads of 64, light window 128, n/16 heavy tokens (ff, q, kv). Autoregressive block: the
+language model's layer (2 light + 6 heavy heads of 64, window 128, W/16 queries, W/8 key-values,
+W/16 ff tokens per window). Dense: a pre-norm block with SDPA (flash) and ff mult 4, causal
+beside the autoregressive block. Modes: *eager*; *compiled* = torch.compile default mode;
+*graphs* = torch.compile(mode="reduce-overhead") with cudagraph_mark_step_begin() each step.
+
+LM table: CoLT5LanguageModel (the training example's sizes: dim 512, depth 6) and its dense
+baseline, 65,536 tokens per step at several sequence lengths, AdamW, bf16 autocast; tokens/s over
+timed steps after warm-up. Compiled = every block compiled on its own (regional compilation:
+the blocks share one compiled graph).
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
+import time
 from collections import defaultdict
 
 import torch
 
-DIM, HEADS, DIM_HEAD, WINDOW = 512, 8, 64, 128
+DIM = 512
 
 
-def routed_block(n: int, causal: bool = False) -> torch.nn.Module:
-    common = dict(
-        light_dim_head=DIM_HEAD,
-        light_heads=HEADS,
-        light_window_size=WINDOW,
-        heavy_dim_head=DIM_HEAD,
-        heavy_heads=HEADS,
-        light_ff_mult=0.5,
-        heavy_ff_mult=4,
-    )
-    if causal:
-        # Causal token counts are capacities per routing window: W/16 of each window is n/16 overall.
-        from colt5.autoregressive import ConditionalRoutedAutoregressiveTransformerBlock as Block
+def encoder_block(n: int) -> torch.nn.Module:
+    from colt5.block import ConditionalRoutedTransformerBlock
 
-        per_window = dict(heavy_window_size=WINDOW, num_heavy_attn_tokens_q=WINDOW // 16,
-                          num_heavy_attn_tokens_kv=WINDOW // 16, num_heavy_ff_tokens=WINDOW // 16)
-        return Block(DIM, **per_window, **common)
-    from colt5.block import ConditionalRoutedTransformerBlock as Block
-
-    return Block(
-        DIM,
-        num_heavy_attn_tokens_q=n // 16,
-        num_heavy_attn_tokens_kv=n // 16,
-        num_heavy_ff_tokens=n // 16,
-        **common,
+    return ConditionalRoutedTransformerBlock(
+        DIM, num_heavy_attn_tokens_q=n // 16, num_heavy_attn_tokens_kv=n // 16, num_heavy_ff_tokens=n // 16,
+        light_dim_head=64, light_heads=8, light_window_size=128, heavy_dim_head=64, heavy_heads=8,
+        light_ff_mult=0.5, heavy_ff_mult=4,
     )
 
 
-def dense_block(causal: bool = False) -> torch.nn.Module:
+def autoregressive_block(n: int) -> torch.nn.Module:
+    from colt5.autoregressive import ConditionalRoutedAutoregressiveTransformerBlock
+
+    return ConditionalRoutedAutoregressiveTransformerBlock(
+        DIM, light_dim_head=64, light_heads=2, heavy_dim_head=64, heavy_heads=6, light_window_size=128,
+        heavy_window_size=128, light_ff_mult=0.5, heavy_ff_mult=4,
+    )
+
+
+def dense_block(causal: bool) -> torch.nn.Module:
     from colt5.dense import DenseTransformerBlock
 
-    return DenseTransformerBlock(DIM, heads=HEADS, dim_head=DIM_HEAD, ff_mult=4, causal=causal)
+    return DenseTransformerBlock(DIM, heads=8, dim_head=64, ff_mult=4, causal=causal)
 
 
-def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
-    """Median ms of fwd+bwd and of fwd (no_grad), and peak GiB of one fwd+bwd."""
-    from triton.testing import do_bench
+BLOCKS = {
+    "encoder": (encoder_block, lambda n: dense_block(False)),
+    "autoregressive": (autoregressive_block, lambda n: dense_block(True)),
+}
 
-    if mode == "captured":
-        return measure_captured(block, n)
-    # graphs = inductor plus CUDA graphs: replays hide the per-kernel host cost that bounds the
-    # small sizes (see RESULTS.md: the eager step at 32k is 14 ms for 4.8 ms of GPU time).
+
+def make_step(block: torch.nn.Module, n: int, mode: str):
+    """One forward+backward of block on a fixed random [1, n, DIM] input, in the given mode."""
     fn = {"eager": block, "compiled": torch.compile(block), "graphs": torch.compile(block, mode="reduce-overhead")}[mode]
     x = torch.randn(1, n, DIM, device="cuda")
-
     params = list(block.parameters())
 
-    def fwd_bwd():
-        # A fresh step, as a training loop with zero_grad(set_to_none=True) has: accumulating into
-        # .grad from the last step would read a CUDA-graph output that this replay overwrites.
+    def step():
+        # a fresh step, as with zero_grad(set_to_none=True): accumulating into .grad would read
+        # a CUDA-graph output the next replay overwrites
         torch.compiler.cudagraph_mark_step_begin()
         for p in params:
             p.grad = None
@@ -80,203 +79,182 @@ def measure(block: torch.nn.Module, n: int, mode: str) -> dict[str, float]:
             out = fn(x)
         out.float().sum().backward()
 
-    def fwd():
-        torch.compiler.cudagraph_mark_step_begin()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            fn(x)
-
-    # Peak over warm-up (compile, CUDA-graph capture) and one more step: a graph's private pool
-    # is allocated during capture, so a peak taken only over a replay would miss it.
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    for _ in range(3):  # compile and warm up outside the timed region
-        fwd_bwd()
-        fwd()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    t_fb = do_bench(fwd_bwd, warmup=50, rep=300, grad_to_none=params, return_mode="median")
-    t_f = do_bench(fwd, warmup=50, rep=300, return_mode="median")
-    return {"fwd_bwd": t_fb, "fwd": t_f, "peak": peak}
+    return step, params
 
 
-def measure_captured(block: torch.nn.Module, n: int) -> dict[str, float]:
-    """`measure` for the inductor-compiled block with the whole step (forward and backward, or
-    forward alone) captured in one CUDA graph by hand: the GPU's time, free of the host's
-    per-step cost, which moves reduce-overhead's figures from one host to the next."""
-    from timing import graph_us
-
-    compiled = torch.compile(block)
-    fwd_bwd = bf16_step(compiled, n)
-    x = torch.randn(1, n, DIM, device="cuda")
-
-    def fwd():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            compiled(x)
+def kernel_stats(step, steps: int = 5) -> tuple[float, float, list]:
+    """(kernels per step, GPU-busy ms per step, [(name, ms per step, launches per step)])."""
+    from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    t_fb = graph_us(fwd_bwd, tuple(block.parameters())) / 1e3
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30  # warm-up and the graph's pool
-    return {"fwd_bwd": t_fb, "fwd": graph_us(fwd) / 1e3, "peak": peak}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    count, busy, per_kernel = 0.0, 0.0, defaultdict(lambda: [0.0, 0.0])
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0) or 0
+        if evt.device_type != torch.autograd.DeviceType.CUDA or not us:
+            continue
+        count += evt.count / steps
+        busy += us / steps / 1e3
+        per_kernel[evt.key][0] += us / steps / 1e3
+        per_kernel[evt.key][1] += evt.count / steps
+    top = sorted(((k, v[0], v[1]) for k, v in per_kernel.items()), key=lambda t: -t[1])
+    return count, busy, top
 
 
-def safe_measure(make, n, mode):
+def measure(make, n: int, mode: str, counts: bool) -> dict | None:
+    from triton.testing import do_bench
+
     try:
         torch.manual_seed(0)
-        block = make().cuda()
-        return measure(block, n, mode)
-    except Exception as err:  # one failing row must not kill the table
-        msg = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
-        print(f"  ! n={n} mode={mode} {type(err).__name__}: {msg}", file=sys.stderr)
+        block = make(n).cuda()
+        step, params = make_step(block, n, mode)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(3):  # compile, capture, warm up
+            step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        ms = do_bench(step, warmup=50, rep=400, grad_to_none=params, return_mode="median")
+        row = {"ms": ms, "peak": peak}
+        if counts:
+            row["kernels"], row["busy"], row["top"] = kernel_stats(step)
+        return row
+    except Exception as err:  # one failing cell must not kill the table
+        print(f"  ! n={n} mode={mode} {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}", file=sys.stderr)
         return None
     finally:
-        torch.cuda.empty_cache()
         torch._dynamo.reset()
+        torch.cuda.empty_cache()
 
 
-def fmt(v, spec=".2f"):
+def fmt(v, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(sizes: list[int], causal: bool, modes: list[str], skip_dense: bool = False) -> None:
-    kind = "autoregressive block vs causal dense" if causal else "encoder block vs dense"
-    print(f"\n{kind}: median ms (fwd+bwd | fwd no_grad), peak GiB of fwd+bwd, ratio = ours/dense")
-    head = f"{'n':>7} {'mode':>8} | {'ours f+b':>9} {'dense f+b':>9} {'ratio':>6} | {'ours f':>7} {'dense f':>7} | {'ours GiB':>8} {'dense GiB':>9}"
+def block_table(sizes: list[int], modes: list[str]) -> None:
+    print("\nblocks, forward+backward: median ms | CUDA kernels | GPU-busy ms | wall / busy | peak GiB; "
+          "kernels and busy from torch.profiler (eager and compiled)")
+    head = f"| block | n | mode | ours ms | dense ms | ours / dense | ours kernels | dense kernels | ours busy | dense busy | ours wall/busy | ours GiB | dense GiB |"
     print(head)
-    print("-" * len(head))
-    for n in sizes:
-        for mode in modes:
-            ours = safe_measure(lambda: routed_block(n, causal), n, mode)
-            dense = None if skip_dense else safe_measure(lambda: dense_block(causal), n, mode)
-            ratio = ours["fwd_bwd"] / dense["fwd_bwd"] if ours and dense else None
-            g = lambda r, key: None if r is None else r[key]  # noqa: E731
-            print(
-                f"{n:>7} {mode:>8} | {fmt(g(ours, 'fwd_bwd')):>9} {fmt(g(dense, 'fwd_bwd')):>9} {fmt(ratio, '.3f'):>6} |"
-                f" {fmt(g(ours, 'fwd')):>7} {fmt(g(dense, 'fwd')):>7} | {fmt(g(ours, 'peak')):>8} {fmt(g(dense, 'peak')):>9}",
-                flush=True,
-            )
+    print("|" + "---|" * (head.count("|") - 1))
+    for name, (ours_fn, dense_fn) in BLOCKS.items():
+        for n in sizes:
+            for mode in modes:
+                counts = mode != "graphs"
+                ours = measure(ours_fn, n, mode, counts)
+                dense = measure(dense_fn, n, mode, counts)
+                g = lambda r, key: None if r is None else r.get(key)  # noqa: E731
+                ratio = ours["ms"] / dense["ms"] if ours and dense else None
+                wall_busy = ours["ms"] / ours["busy"] if ours and ours.get("busy") else None
+                print(f"| {name} | {n:,} | {mode} | {fmt(g(ours, 'ms'))} | {fmt(g(dense, 'ms'))} | {fmt(ratio)} | "
+                      f"{fmt(g(ours, 'kernels'), '.0f')} | {fmt(g(dense, 'kernels'), '.0f')} | {fmt(g(ours, 'busy'))} | "
+                      f"{fmt(g(dense, 'busy'))} | {fmt(wall_busy)} | {fmt(g(ours, 'peak'))} | {fmt(g(dense, 'peak'))} |", flush=True)
 
 
-# Kernel-name patterns -> component, checked in order (the first match wins).
-COMPONENTS = [
-    ("coordinate descent", r"coor_descent|_cd_"),
-    ("light attention (flex/local)", r"flex|triton_tem_fused|local"),
-    ("heavy attention (sdpa/flash)", r"flash|fmha|attention|efficient|cudnn"),
-    ("gathers and scatters", r"index|gather|scatter|topk|sort|radix"),
-    ("matmuls (projections, ffs, routing)", r"gemm|sm90|cutlass|matmul|mm_|nvjet|xmma"),
-    ("norms", r"norm"),
-]
-
-
-def bf16_step(fn, n: int):
-    """One forward+backward of fn on a fresh [1, n, DIM] input under bf16 autocast."""
-    x = torch.randn(1, n, DIM, device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fn(x)
-        out.float().sum().backward()
-
-    return step
-
-
-def profile(n: int, causal: bool, mode: str = "eager", top: int = 25) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    block = routed_block(n, causal).cuda()
-    step = bf16_step(torch.compile(block) if mode == "compiled" else block, n)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    per_component = defaultdict(float)
-    per_kernel = defaultdict(float)
-    launches = defaultdict(float)
-    for evt in prof.key_averages():
-        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
-        if evt.device_type != torch.autograd.DeviceType.CUDA or not cuda_us:
+def profile_blocks(n: int, top: int) -> None:
+    for name, (ours_fn, _) in BLOCKS.items():
+        row = measure(ours_fn, n, "eager", counts=True)
+        if row is None:
             continue
-        name = evt.key
-        component = next((c for c, pat in COMPONENTS if re.search(pat, name, re.I)), "elementwise/other")
-        per_component[component] += cuda_us / 5
-        per_kernel[name] += cuda_us / 5
-        launches[name] += evt.count / 5
-    total = sum(per_component.values())
-    print(f"\nprofile of the {'autoregressive' if causal else 'encoder'} block, n={n}, {mode}, fwd+bwd: CUDA time per step"
-          " (a fused inductor kernel counts for the first component whose pattern its name matches)")
-    print(f"{'component':<38} {'ms':>7} {'share':>6}")
-    for c, us in sorted(per_component.items(), key=lambda kv: -kv[1]):
-        print(f"{c:<38} {us / 1e3:>7.3f} {us / total:>6.1%}")
-    print(f"{'total GPU time':<38} {total / 1e3:>7.3f}")
-    print(f"{'kernel launches per step':<38} {sum(launches.values()):>7.0f}")
-    print(f"\ntop kernels ({top}): ms per step, launches per step, name")
-    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"  {us / 1e3:7.3f} ms {launches[name]:4.0f}x  {name[:110]}")
+        print(f"\n{name} block, n={n}, eager: {row['ms']:.2f} ms, {row['kernels']:.0f} kernels, busy {row['busy']:.3f} ms")
+        for kname, ms, launches in row["top"][:top]:
+            print(f"  {ms:7.3f} ms {launches:5.0f}x  {kname[:100]}")
 
 
-def host_profile(n: int) -> None:
-    """Host (CPU) cost of one fwd+bwd step, eager and compiled: us per step from perf_counter
-    over steps queued without synchronising, then the top Python functions by own time."""
-    import cProfile
-    import pstats
-    import time
+def lm_model(seq: int, dense: bool) -> torch.nn.Module:
+    from colt5.lm import CoLT5LanguageModel
 
-    block = routed_block(n).cuda()
-    for mode, fn in (("eager", block), ("compiled", torch.compile(block))):
-        step = bf16_step(fn, n)
+    if dense:
+        return CoLT5LanguageModel(dim=DIM, depth=6, max_seq_len=seq, dense=True, heads=8, dim_head=64, ff_mult=4)
+    return CoLT5LanguageModel(dim=DIM, depth=6, max_seq_len=seq, light_heads=2, light_dim_head=64, heavy_heads=6,
+                              heavy_dim_head=64, light_window_size=128, heavy_window_size=128, light_ff_mult=0.5,
+                              heavy_ff_mult=4)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Regional compilation: each block compiled on its own (they share one compiled graph)."""
+    blocks = model.backbone.layers if hasattr(model.backbone, "layers") else model.backbone[0].layers
+    for block in blocks:
+        block.compile()
+
+
+def lm_tokens_per_s(seq: int, dense: bool, mode: str, tokens_per_step: int, steps: int) -> tuple[float, float] | None:
+    """(tokens/s, warm-up s) of training steps."""
+    try:
+        torch.manual_seed(0)
+        model = lm_model(seq, dense).cuda()
+        if mode == "compiled":
+            compile_blocks(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        batch = max(1, tokens_per_step // seq)
+        data = torch.randint(0, 256, (batch, seq + 1), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model.loss(data)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
         for _ in range(3):
             step()
         torch.cuda.synchronize()
+        warm = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for _ in range(20):
-            step()
-        host = (time.perf_counter() - t0) / 20 * 1e3
-        torch.cuda.synchronize()
-        gpu = (time.perf_counter() - t0) / 20 * 1e3
-        print(f"\nhost profile n={n} {mode}: {host:.2f} ms of CPU per step queued, {gpu:.2f} ms per step incl. drain")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(5):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-    torch._dynamo.reset()
+        return batch * seq * steps / (time.perf_counter() - t0), warm
+    except Exception as err:
+        print(f"  ! lm seq={seq} dense={dense} mode={mode} {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}", file=sys.stderr)
+        return None
+    finally:
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
+def lm_table(seqs: list[int], modes: list[str], tokens_per_step: int, steps: int) -> None:
+    print(f"\nlanguage model training, dim {DIM}, depth 6, {tokens_per_step:,} tokens per step, AdamW, bf16: tokens/s")
+    print("| seq | mode | CoLT5 tokens/s | dense tokens/s | CoLT5 / dense | CoLT5 warm-up s | dense warm-up s |")
+    print("|---|---|---|---|---|---|---|")
+    for seq in seqs:
+        for mode in modes:
+            ours = lm_tokens_per_s(seq, False, mode, tokens_per_step, steps)
+            dense = lm_tokens_per_s(seq, True, mode, tokens_per_step, steps)
+            ratio = ours[0] / dense[0] if ours and dense else None
+            print(f"| {seq:,} | {mode} | {fmt(ours and ours[0], ',.0f')} | {fmt(dense and dense[0], ',.0f')} | {fmt(ratio)} | "
+                  f"{fmt(ours and ours[1], '.0f')} | {fmt(dense and dense[1], '.0f')} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
-    parser.add_argument("--ar-sizes", type=int, nargs="*", default=[8192, 32768])
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs", "captured"], default=["eager", "compiled"])
-    parser.add_argument("--skip-dense", action="store_true", help="time only the routed block")
-    parser.add_argument("--profile", type=int, nargs="*", default=None, help="profile the block at these n instead")
-    parser.add_argument("--profile-modes", nargs="+", choices=["eager", "compiled"], default=["eager"])
-    parser.add_argument("--profile-top", type=int, default=25, help="kernels listed per profile")
-    parser.add_argument("--host-profile", type=int, nargs="*", default=None, help="host cost of a step at these n")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[8192, 32768])
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled", "graphs"], default=["eager", "compiled", "graphs"])
+    parser.add_argument("--no-lm", action="store_true", help="skip the language-model table")
+    parser.add_argument("--no-blocks", action="store_true", help="skip the block table")
+    parser.add_argument("--lm-seqs", type=int, nargs="*", default=[4096, 16384, 65536])
+    parser.add_argument("--lm-modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
+    parser.add_argument("--lm-tokens", type=int, default=65536, help="tokens per training step")
+    parser.add_argument("--lm-steps", type=int, default=10, help="timed steps per cell")
+    parser.add_argument("--profile", type=int, default=None, help="list the top kernels of each routed block at this n")
+    parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     import triton
 
-    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    if args.host_profile:
-        for n in args.host_profile:
-            host_profile(n)
+    print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"{time.strftime('%Y-%m-%d')}")
     if args.profile:
-        for n in args.profile:
-            for mode in args.profile_modes:
-                profile(n, causal=False, mode=mode, top=args.profile_top)
-    if args.profile or args.host_profile:
+        profile_blocks(args.profile, args.top)
         return
-    modes = args.modes
-    table(args.sizes, causal=False, modes=modes, skip_dense=args.skip_dense)
-    if args.ar_sizes:
-        table(args.ar_sizes, causal=True, modes=modes, skip_dense=args.skip_dense)
+    if not args.no_blocks:
+        block_table(args.sizes, args.modes)
+    if not args.no_lm:
+        lm_table(args.lm_seqs, args.lm_modes, args.lm_tokens, args.lm_steps)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,13 @@ learned null output (use_null_q_tokens) or nothing.
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 
-from colt5.attention import heavy_attend
 from colt5.causal_routing import CausalCoordinateDescentRouter
 from colt5.feedforward import FeedForward
+from colt5.heavy_attention import RoutedAttention
 from colt5.local_attention import LocalMHA
-from colt5.precision import to_autocast_dtype
-from colt5.rotary import RotaryEmbedding, apply_rotary
-from colt5.routers import check_num_tokens, check_tokens, layer_router_kwargs
+from colt5.routers import check_num_tokens, check_tokens, layer_router_kwargs, norm_and_scores, scatter_back
 
 __all__ = [
     "ConditionalRoutedAutoregressiveAttention",
@@ -70,8 +65,9 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         multiply_keys_by_score, multiply_queries_by_score: also scale keys / queries by their
             router weights (values and outputs always are).
         use_null_q_tokens: unrouted positions get a learned output vector instead of nothing.
-        use_triton, use_flash_attn: accepted for compatibility; the causal routers run in plain
-            PyTorch and the heavy core is SDPA (which picks its own kernel).
+        use_triton: the causal routers' backend (None: the fused op on CUDA, the reference
+            elsewhere). use_flash_attn: accepted for compatibility (the heavy attention always
+            runs the fused kernel of `colt5.kernels.flash_attention` on CUDA).
         rotary_emb: rotary embeddings in both branches, at original positions in the heavy one.
     """
 
@@ -112,9 +108,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.heavy_window_size = heavy_window_size
         self.num_heavy_tokens_q = _check_capacity(num_heavy_tokens_q, heavy_window_size, "num_heavy_tokens_q")
         self.num_heavy_tokens_kv = _check_capacity(num_heavy_tokens_kv, heavy_window_size, "num_heavy_tokens_kv")
-        self.num_routed_kv, self.heavy_heads, self.heavy_dim_head = num_routed_kv, heavy_heads, heavy_dim_head
-        self.multiply_keys_by_score = multiply_keys_by_score
-        self.multiply_queries_by_score = multiply_queries_by_score
+        self.num_routed_kv = num_routed_kv
         self.use_flash_attn = use_flash_attn
 
         self.norm = nn.LayerNorm(dim)
@@ -125,16 +119,11 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.q_router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, **kwargs)
         self.kv_router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, num_routing_tokens=num_routed_kv, **kwargs)
 
-        inner = heavy_heads * heavy_dim_head
-        per_route = heavy_heads // num_routed_kv * heavy_dim_head
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        # One key/value projection per route: [r, d, 2 * heads_per_route * dh].
-        self.to_kv = nn.Parameter(torch.empty(num_routed_kv, dim, 2 * per_route).uniform_(-1, 1) / math.sqrt(dim))
-        self.to_out = nn.Linear(inner, dim, bias=False)
-        self.null_k = nn.Parameter(torch.randn(heavy_heads, heavy_dim_head) * 0.02)
-        self.null_v = nn.Parameter(torch.randn(heavy_heads, heavy_dim_head) * 0.02)
-        self.null_q_token = nn.Parameter(torch.zeros(dim)) if use_null_q_tokens else None
-        self.rotary = RotaryEmbedding(heavy_dim_head) if rotary_emb else None
+        self.heavy = RoutedAttention(
+            dim, heads=heavy_heads, dim_head=heavy_dim_head, num_routes=num_routed_kv,
+            multiply_keys_by_score=multiply_keys_by_score, multiply_queries_by_score=multiply_queries_by_score,
+            use_null_q_tokens=use_null_q_tokens, rotary_emb=rotary_emb,
+        )
 
     def forward(
         self,
@@ -143,58 +132,22 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         num_heavy_tokens_q: int | None = None,
         num_heavy_tokens_kv: int | None = None,
         random_route: bool = False,
+        residual: Tensor | None = None,
     ) -> Tensor:
         check_tokens(x, self.dim, None)
         W = self.heavy_window_size
         cq = self.num_heavy_tokens_q if num_heavy_tokens_q is None else _check_capacity(num_heavy_tokens_q, W, "num_heavy_tokens_q")
         ckv = self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else _check_capacity(num_heavy_tokens_kv, W, "num_heavy_tokens_kv")
 
-        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
+        x, scores = norm_and_scores(self.norm, x, [self.q_router, self.kv_router])
+        q_scores, kv_scores = scores or (None, None)
         light = self.light_attn(x)
-        heavy = self._heavy(x, cq, ckv, random_route)
-        return light + heavy
-
-    def _heavy(self, x: Tensor, cq: int, ckv: int, random_route: bool) -> Tensor:
-        b, n, _ = x.shape
-        h, dh, r = self.heavy_heads, self.heavy_dim_head, self.num_routed_kv
-        g = h // r
-        iq, wq, tq, mq = self.q_router(x, num_tokens=cq, random_route=random_route)  # [b, Q] ...
-        ikv, wkv, tkv, mkv = self.kv_router(x, num_tokens=ckv, random_route=random_route, keep_one_route_dim=True)
-        nq, nkv = iq.shape[1], ikv.shape[2]
-
-        q = self.to_q(tq).view(b, nq, h, dh).transpose(1, 2)  # [b, h, Q, dh]
-        # a bmm over routes: the einsum it replaces gave the weight a gradient strided unlike the
-        # weight when r = 1, which DDP then copies into its bucket every step
-        kv = torch.bmm(tkv.transpose(0, 1).reshape(r, b * nkv, -1), self.to_kv.to(tkv.dtype))
-        kv = kv.view(r, b, nkv, -1).transpose(0, 1)  # [b, r, K, 2 * g * dh]
-        k, v = kv.view(b, r, nkv, 2, g, dh).permute(3, 0, 1, 4, 2, 5)  # each [b, r, g, K, dh]
-        wkv_h = wkv.view(b, r, 1, nkv, 1).to(v.dtype)
-        v = v * wkv_h
-        if self.multiply_keys_by_score:
-            k = k * wkv_h
-        if self.multiply_queries_by_score:
-            q = q * wq.view(b, 1, nq, 1).to(q.dtype)
-        if self.rotary is not None:
-            q = apply_rotary(q, self.rotary(iq))
-            k = apply_rotary(k, self.rotary(ikv).unsqueeze(2))  # [b, r, 1, K, dh/2]: shared by the route's heads
-        k, v = k.reshape(b, h, nkv, dh), v.reshape(b, h, nkv, dh)
-
-        # Key-values of route r serve heads r*g .. r*g + g - 1.
-        kv_pos = ikv.repeat_interleave(g, dim=1)  # [b, h, K]
-        kv_mask = mkv.repeat_interleave(g, dim=1)
-        attn_mask = kv_pos.unsqueeze(2) <= iq.view(b, 1, nq, 1)  # causal on original positions
-        out = heavy_attend(q, k, v, null_k=self.null_k, null_v=self.null_v, kv_mask=kv_mask, attn_mask=attn_mask)
-        out = self.to_out(out.transpose(1, 2).reshape(b, nq, h * dh))
-        out = out * wq.unsqueeze(-1).to(out.dtype)
-
-        base = x.new_zeros(b, n, self.dim) if self.null_q_token is None else self._null_outputs(iq, mq, n, x.dtype)
-        return self.q_router.route_back(base, out, iq, mq)
-
-    def _null_outputs(self, iq: Tensor, mq: Tensor, n: int, dtype: torch.dtype) -> Tensor:
-        """The learned null output at every position no query slot covers, zero elsewhere."""
-        b = iq.shape[0]
-        covered = torch.zeros(b, n, device=iq.device).scatter_add(1, iq, mq.float()) > 0
-        return (~covered).unsqueeze(-1).to(dtype) * self.null_q_token.to(dtype)
+        q = self.q_router(x, num_tokens=cq, random_route=random_route, scores=q_scores)  # [b, w * cq] slots
+        kv = self.kv_router(x, num_tokens=ckv, random_route=random_route, keep_one_route_dim=True, scores=kv_scores)
+        # causal on original positions; slots come in window order, cq and ckv per window
+        if residual is not None:
+            return self.heavy(residual, q, kv, causal=True, window_slots=(cq, ckv), light=light)
+        return self.heavy(light, q, kv, causal=True, window_slots=(cq, ckv))
 
 
 class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
@@ -236,15 +189,20 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "window_size", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
         self.router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, **kwargs)
 
-    def forward(self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False) -> Tensor:
+    def forward(
+        self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False, residual: Tensor | None = None
+    ) -> Tensor:
         check_tokens(x, self.dim, None)
         W = self.heavy_window_size
         c = self.num_heavy_tokens if num_heavy_tokens is None else _check_capacity(num_heavy_tokens, W, "num_heavy_tokens")
-        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
+        x, scores = norm_and_scores(self.norm, x, [self.router])
         light = self.light_ff(x)
-        indices, scores, routed, routed_mask = self.router(x, num_tokens=c, random_route=random_route)
-        heavy = self.heavy_ff(routed) * scores.unsqueeze(-1).to(light.dtype)
-        return self.router.route_back(light, heavy, indices, routed_mask)
+        indices, scores, routed, routed_mask = self.router(x, num_tokens=c, random_route=random_route,
+                                                           scores=scores and scores[0])
+        heavy = self.heavy_ff(routed)
+        if residual is not None:
+            return scatter_back(residual, heavy, indices, light=light, weights=scores, real=routed_mask)
+        return scatter_back(light, heavy, indices, weights=scores, real=routed_mask)
 
 
 class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
@@ -324,10 +282,9 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
         num_heavy_ff_tokens: int | None = None,
         random_route: bool = False,
     ) -> Tensor:
-        x = x + self.attn(
-            x, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv, random_route=random_route
-        )
-        return x + self.ff(x, num_heavy_tokens=num_heavy_ff_tokens, random_route=random_route)
+        x = self.attn(x, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
+                      random_route=random_route, residual=x)
+        return self.ff(x, num_heavy_tokens=num_heavy_ff_tokens, random_route=random_route, residual=x)
 
 
 class ConditionalRoutedAutoregressiveTransformer(nn.Module):

@@ -103,8 +103,9 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         ):
             if value is not None:
                 check_num_tokens(value, name)
-        x = x + self.attn(x, mask=mask, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv)
-        return x + self.ff(x, mask=mask, num_heavy_tokens=num_heavy_ff_tokens)
+        x = self.attn(x, mask=mask, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
+                      residual=x)
+        return self.ff(x, mask=mask, num_heavy_tokens=num_heavy_ff_tokens, residual=x)
 
 
 class ConditionalRoutedTransformer(nn.Module):

@@ -25,7 +25,8 @@ scores of strictly earlier tokens:
 Why this one: it keeps CoLT5's router (score x.u, soft top-k by coordinate descent) and its
 gradient; every shape is static (w * C slots per route, whatever the scores), there is no host
 sync and no data-dependent indexing, and the work is one coordinate descent over [b, r, w-1, W]
-plus a cumsum and a top-k of C over each window. The threshold of the previous window is the
+plus a cumsum and a top-k of C over each window (`colt5.kernels.route_causal` fuses all of it
+into one Triton kernel per direction). The threshold of the previous window is the
 natural estimate of this window's C-th best score when the score distribution drifts slowly.
 Even for i.i.d. scores the number of candidates in a window varies, so asking for exactly C
 leaves slots empty; the router asks for k' = 1.5 C candidates by default (fetch_k_ratio), which
@@ -37,43 +38,13 @@ at inference; this scheme is causal in training and inference alike.
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from colt5.kernels import coor_descent_offset
+from colt5.kernels.route_causal import assign_slots, pad_windows, route_causal, soft_top_k_offset, window_weights
 from colt5.routers import CoordinateDescentRouter, RouterReturn, check_num_tokens, check_tokens, gather_tokens
 
 __all__ = ["CausalCoordinateDescentRouter", "soft_top_k_offset"]
-
-
-def soft_top_k_offset(
-    s: Tensor,
-    *,
-    k: float,
-    n_iters: int,
-    eps: float,
-    eps_init: float | None = None,
-    eps_decay: float = 1.0,
-    mask: Tensor | None = None,
-    backend: Literal["triton", "reference"] | None = None,
-) -> tuple[Tensor, float]:
-    """The dual offset of coordinate-descent soft top-k: returns (a [..., 1], e) such that
-    `colt5.coor_descent(s, ...)` equals exp(min(s + a, 0) / e) at the unmasked positions.
-
-    `colt5.kernels.coor_descent_offset` (fused Triton kernels on CUDA, the reference elsewhere;
-    `backend` as there), differentiable. Computed in float32 (float64 for float64 scores on the
-    reference). A row with nothing unmasked gets the offset of its whole row, masked positions
-    included, so that its next window still gets a data-dependent threshold.
-    """
-    if mask is not None:
-        mask = mask | ~mask.any(dim=-1, keepdim=True)
-    return coor_descent_offset(
-        s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask, backend=backend
-    )
 
 
 class CausalCoordinateDescentRouter(CoordinateDescentRouter):
@@ -96,7 +67,8 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
         fetch_k_ratio: candidates asked of each window's threshold, as a multiple of C (default 1.5;
             see the measurements in __init__).
         Everything else as CoordinateDescentRouter (route_block_size is not supported: windows
-        play its part; use_triton picks the backend of the window duals' soft top-k).
+        play its part; use_triton picks the backend of the selection, `colt5.kernels.route_causal`:
+        one fused Triton kernel forward and one backward, or the PyTorch reference).
     """
 
     def __init__(self, dim: int, *, window_size: int, fetch_k_ratio: float = 1.5, **kwargs) -> None:
@@ -118,7 +90,9 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
         random_route: bool = False,
         routing_tokens: Tensor | None = None,
         keep_one_route_dim: bool = False,
+        scores: Tensor | None = None,
     ) -> RouterReturn:
+        """scores: this router's scores of x [b, r, n] if already computed (`norm_and_scores`)."""
         check_tokens(x, self.dim, mask)
         check_num_tokens(num_tokens)
         W = self.window_size
@@ -126,61 +100,49 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
             raise ValueError(f"num_tokens (capacity per routing window) must be <= window_size={W}, got {num_tokens}")
         b, n, d = x.shape
         r, C = self.num_routing_tokens, num_tokens
-        nw = -(-n // W)
-        pad = nw * W - n
 
-        scores = self.score(x, routing_tokens)  # [b, r, n]
-        s = F.pad(scores, (0, pad)).view(b, r, nw, W)
-        real = torch.ones(b, r, n, dtype=torch.bool, device=x.device) if mask is None else mask.unsqueeze(1).expand(b, r, n)
-        real = F.pad(real, (0, pad), value=False).view(b, r, nw, W)
-
-        y, candidate = self._window_weights(s, real, C)
-        if random_route:
-            # Causal too: each token's coin is its own.
-            candidate = torch.rand(b, r, nw, W, device=x.device) < min(1.0, C * self.fetch_k_ratio / W)
-            y = torch.ones_like(y)
-        candidate = candidate & real
-
-        # First come, first served: the j-th candidate of a window takes slot j if j < C.
-        routed = candidate & (candidate.cumsum(-1) <= C)
-        pos = torch.arange(W, device=x.device)
-        key = torch.where(routed, pos, pos + W)  # routed tokens first, each group in position order
-        slot = key.topk(C, dim=-1, largest=False, sorted=True).indices  # [b, r, nw, C]
-        slot_mask = routed.gather(-1, slot)
-        weights = y.gather(-1, slot).to(scores.dtype)
-        if self.straight_through:
-            weights = weights + (1.0 - weights).detach()
-        starts = torch.arange(nw, device=x.device).mul_(W).view(1, 1, nw, 1)
-        # Slots in the padded tail of the last window point at n - 1 and are masked.
-        indices = (slot + starts).clamp_max_(n - 1).flatten(2)
-        weights, slot_mask = weights.flatten(2), slot_mask.flatten(2)
+        scores = self._checked_score(x, routing_tokens) if scores is None else scores  # [b, r, n]
+        if random_route or type(self)._window_weights is not CausalCoordinateDescentRouter._window_weights:
+            indices, weights, slot_mask = self._select_in_torch(scores, mask, C, random_route)
+        else:
+            # One fused op (one kernel forward, one backward on CUDA) instead of ~40 small ones.
+            indices, weights, slot_mask = route_causal(
+                scores, window_size=W, capacity=C, k=self._window_k(C), n_iters=self.n_iters, eps=self.eps,
+                eps_init=self.eps_init, eps_decay=self.eps_decay, mask=mask,
+                straight_through=self.straight_through, backend=self.backend,
+            )
 
         routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
         if r == 1 and not keep_one_route_dim:
             return RouterReturn(indices[:, 0], weights[:, 0], routed_tokens[:, 0], slot_mask[:, 0])
         return RouterReturn(indices, weights, routed_tokens, slot_mask)
 
+    def _window_k(self, C: int) -> float:
+        """The soft top-k target of each window: k' = C * fetch_k_ratio candidates, at most W."""
+        return min(C * self.fetch_k_ratio, float(self.window_size))
+
+    def _select_in_torch(
+        self, scores: Tensor, mask: Tensor | None, C: int, random_route: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The selection in torch ops: random routes, and subclasses that override _window_weights."""
+        b, r, n = scores.shape
+        W = self.window_size
+        s, real = pad_windows(scores, mask, W)
+        if random_route:
+            # Causal too: each token's coin is its own.
+            nw = s.shape[2]
+            candidate = torch.rand(b, r, nw, W, device=s.device) < min(1.0, C * self.fetch_k_ratio / W)
+            y = torch.ones(b, r, nw, W, dtype=torch.float64 if s.dtype == torch.float64 else torch.float32,
+                           device=s.device)
+        else:
+            y, candidate = self._window_weights(s, real, C)
+        return assign_slots(y, candidate, real, C, n, self.straight_through)
+
     def _window_weights(self, s: Tensor, real: Tensor, C: int) -> tuple[Tensor, Tensor]:
-        """Soft weights y and candidacy (y > 1/2) of every token from the previous window's dual."""
-        b, r, nw, W = s.shape
-        dtype = torch.float64 if s.dtype == torch.float64 else torch.float32
-        first_y = torch.ones(b, r, 1, W, dtype=dtype, device=s.device)
-        first_candidate = torch.ones(b, r, 1, W, dtype=torch.bool, device=s.device)
-        if nw == 1:
-            return first_y, first_candidate
-        k = min(C * self.fetch_k_ratio, float(W))
-        a, e = soft_top_k_offset(
-            s[:, :, :-1],
-            k=k,
-            n_iters=self.n_iters,
-            eps=self.eps,
-            eps_init=self.eps_init,
-            eps_decay=self.eps_decay,
-            mask=real[:, :, :-1],
-            backend=self.backend,
+        """Soft weights y and candidacy (y > 1/2) of every token from the previous window's dual,
+        s, real [b, r, nw, W] (`colt5.kernels.route_causal.window_weights`). Overriding it sends
+        the router's selection through the torch ops."""
+        return window_weights(
+            s, real, k=self._window_k(C), n_iters=self.n_iters, eps=self.eps, eps_init=self.eps_init,
+            eps_decay=self.eps_decay, backend=self.backend,
         )
-        logits = s[:, :, 1:].to(dtype) + a
-        y = torch.exp(logits.clamp_max(0.0) / e)
-        # y > 1/2, decided on the logit so that it cannot flip with rounding of exp.
-        candidate = logits.detach() > -e * math.log(2.0)
-        return torch.cat((first_y, y), dim=2), torch.cat((first_candidate, candidate), dim=2)

@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from colt5.attention import heavy_attend
+from colt5.heavy_attention import RoutedAttention
+from colt5.precision import to_autocast_dtype
 from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
 
 __all__ = ["ConditionalRoutedCrossAttention"]
@@ -110,28 +110,13 @@ class ConditionalRoutedCrossAttention(nn.Module):
             **{**shared, "num_routing_tokens": kv_routing_tokens, "route_block_size": route_block_size},
         )
 
-        inner = heads * dim_head
         # Pre-norms run on the routed tokens only (a norm over 1M memories would cost another [b, m, c]).
         self.norm = nn.LayerNorm(dim)
         self.context_norm = nn.LayerNorm(dim_context)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        # Rows grouped as [k|v, route, heads of the route * dh]: each route projects only its heads.
-        self.to_kv = nn.Linear(dim_context, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
-        self.null_k = nn.Parameter(torch.randn(heads, dim_head))
-        self.null_v = nn.Parameter(torch.randn(heads, dim_head))
-        self.null_q_token = nn.Parameter(torch.randn(dim) * 0.02) if use_null_q_tokens else None
-
-    def _project_kv(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """kv [b, r, j, c] (one route's memories per head group) -> k, v [b, h, j, dh]."""
-        r = self.kv_routing_tokens
-        weight = self.to_kv.weight.view(2, r, -1, self.dim_context)
-        if torch.is_autocast_enabled(kv.device.type):
-            weight = weight.to(torch.get_autocast_dtype(kv.device.type))
-        kv = kv.to(weight.dtype)
-        k, v = torch.einsum("b r j c, t r e c -> t b r j e", kv, weight).unbind(0)
-        split = "b r j (g dh) -> b (r g) j dh"
-        return rearrange(k, split, dh=self.dim_head), rearrange(v, split, dh=self.dim_head)
+        self.heavy = RoutedAttention(
+            dim, heads=heads, dim_head=dim_head, num_routes=kv_routing_tokens, dim_context=dim_context,
+            multiply_keys_by_score=multiply_keys_by_score, use_null_q_tokens=use_null_q_tokens,
+        )
 
     def forward(
         self,
@@ -154,36 +139,13 @@ class ConditionalRoutedCrossAttention(nn.Module):
         check_num_tokens(num_tokens_q, "num_tokens_q")
         check_num_tokens(num_tokens_kv, "num_tokens_kv")
 
-        b, n, d = x.shape
-        h, r = self.heads, self.kv_routing_tokens
-        g = h // r
-
-        q_idx, q_scores, q_tokens, _ = self.q_router(x, num_tokens=num_tokens_q, mask=mask)
-        _, kv_scores, kv_tokens, kv_mask = self.kv_router(
-            context, num_tokens=num_tokens_kv, mask=context_mask, keep_one_route_dim=True
-        )  # kv_tokens [b, r, j, c]; an expanded view of the context when it is short
-
-        q = rearrange(self.to_q(self.norm(q_tokens)), "b i (h dh) -> b h i dh", h=h)
-        k, v = self._project_kv(self.context_norm(kv_tokens))
-        if kv_scores is not None:
-            per_head = kv_scores.repeat_interleave(g, dim=1).unsqueeze(-1).to(v.dtype)  # [b, h, j, 1]
-            v = v * per_head
-            if self.multiply_keys_by_score:
-                k = k * per_head
-        if kv_mask is not None:
-            kv_mask = kv_mask.repeat_interleave(g, dim=1)  # [b, h, j]
-
-        out = heavy_attend(q, k, v, null_k=self.null_k, null_v=self.null_v, kv_mask=kv_mask)
-        out = self.to_out(rearrange(out, "b h i dh -> b i (h dh)"))  # [b, i, d]
-        if q_idx is None:  # every query was routed
-            return out
-        out = out * q_scores.unsqueeze(-1).to(out.dtype)
-        if self.null_q_token is None:
-            base = out.new_zeros(b, n, d)
-        else:
-            base = self.null_q_token.to(out.dtype).expand(b, n, d)
-        # Query picks are unique (one top-k per row): a plain scatter, deterministic.
-        return base.scatter(1, q_idx.unsqueeze(-1).expand(-1, -1, d), out)
+        q = self.q_router(x, num_tokens=num_tokens_q, mask=mask)
+        kv = self.kv_router(context, num_tokens=num_tokens_kv, mask=context_mask, keep_one_route_dim=True)
+        # kv tokens [b, r, j, c]: an expanded view of the context when it is short
+        q = q._replace(routed_tokens=to_autocast_dtype(self.norm(q.routed_tokens)))
+        kv = kv._replace(routed_tokens=to_autocast_dtype(self.context_norm(kv.routed_tokens)))
+        base = x.new_zeros(x.shape, dtype=q.routed_tokens.dtype)
+        return self.heavy(base, q, kv)
 
     def extra_repr(self) -> str:
         return (

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from colt5.precision import to_autocast_dtype
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
+from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs, norm_and_scores, scatter_back
 
 __all__ = ["FeedForward", "ConditionalRoutedFeedForward"]
 
@@ -45,9 +44,10 @@ class FeedForward(nn.Module):
 class ConditionalRoutedFeedForward(nn.Module):
     """CoLT5's routed feedforward: light FF on every token, heavy FF on the routed tokens.
 
-    forward(x [b, n, d], mask=None [b, n] bool, num_heavy_tokens=None) returns
-    FF_light(norm(x)) + route_back(s * FF_heavy(norm(x)[routed])) — WITHOUT the residual: the
-    block adds x. One LayerNorm feeds both branches and the router.
+    forward(x [b, n, d], mask=None [b, n] bool, num_heavy_tokens=None, *, residual=None) returns
+    FF_light(norm(x)) + route_back(s * FF_heavy(norm(x)[routed])), WITHOUT the residual unless
+    one is given (the block passes x: one fused op adds both branches and the residual). One
+    LayerNorm feeds both branches and the router.
 
     Args:
         dim: model width d.
@@ -86,15 +86,18 @@ class ConditionalRoutedFeedForward(nn.Module):
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
         self.router = CoordinateDescentRouter(dim, **kwargs)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None, *, residual: Tensor | None = None
+    ) -> Tensor:
         check_tokens(x, self.dim, mask)
         num_heavy_tokens = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
         check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
 
-        x = to_autocast_dtype(self.norm(x))  # see colt5.precision
+        x, scores = norm_and_scores(self.norm, x, [self.router])
         light = self.light_ff(x)
-        indices, scores, routed, routed_mask = self.router(x, num_tokens=num_heavy_tokens, mask=mask)
+        indices, scores, routed, routed_mask = self.router(x, num_tokens=num_heavy_tokens, mask=mask,
+                                                           scores=scores and scores[0])
         heavy = self.heavy_ff(routed)
-        if scores is not None:
-            heavy = heavy * scores.unsqueeze(-1).to(heavy.dtype)
-        return self.router.route_back(light, heavy, indices, routed_mask)
+        if residual is not None:
+            return scatter_back(residual, heavy, indices, light=light, weights=scores, real=routed_mask)
+        return scatter_back(light, heavy, indices, weights=scores, real=routed_mask)

@@ -15,8 +15,11 @@ a padding query still gets an output. Two deliberate differences from the packag
     a uniform average that includes its -1 look-around padding values.
 
 Backends: "reference" (plain PyTorch over [W, w, L*w] tiles, O(n * L * w) memory; the
-specification and the CPU path) and "flex" (torch's flex_attention with a BlockMask built from
-per-block kv indices, compiled on CUDA; eager on CPU, forward only there).
+specification and the CPU path; it lives in colt5.kernels.flash_attention_reference), "triton" (the
+flash-attention kernels of colt5.kernels.flash_attention on the packed [b, n, 3, h, d] layout: one
+forward launch, two backward launches; the CUDA default when d is a power of two in 16..128)
+and "flex" (torch's flex_attention with a BlockMask built from per-block kv indices, compiled on
+CUDA; eager on CPU, forward only there; kept for comparison).
 """
 
 from __future__ import annotations
@@ -30,35 +33,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
+from colt5.kernels.flash_attention_reference import local_attention_reference
 from colt5.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["LocalMHA", "local_attention", "local_attention_reference", "local_attention_flex"]
 
-_BACKENDS = (None, "reference", "flex")
+_BACKENDS = (None, "reference", "flex", "triton")
 # flex_attention's tile. With w = 128 and look 1/1 every query block sees exactly 3 full kv blocks.
 _BLOCK = 128
+
+# the shared checks (kernels.attention validates the packed entry point the same way)
+_check_int = check_int
+_resolve_look = resolve_look
 
 
 # --------------------------------------------------------------------------------------------
 # argument checks (public boundary)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _resolve_look(causal: bool, look_backward: int, look_forward: int | None) -> tuple[int, int]:
-    look_backward = _check_int("look_backward", look_backward, 0)
-    if look_forward is None:
-        look_forward = 0 if causal else 1
-    look_forward = _check_int("look_forward", look_forward, 0)
-    if causal and look_forward > 0:
-        raise ValueError(f"look_forward must be 0 when causal=True, got {look_forward}")
-    return look_backward, look_forward
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -86,82 +77,6 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
             raise ValueError(f"mask must be [b, n] = {(b, n)}, got {tuple(mask.shape)}")
         if mask.device != q.device:
             raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
-
-
-# --------------------------------------------------------------------------------------------
-# reference backend
-
-
-def _look_around(x: Tensor, backward: int, forward: int, pad_value: float | bool, dim: int) -> Tensor:
-    """[..., W, w, ...] (windows at `dim`) -> [..., W, L * w, ...]: each window's neighbours, in
-    order of offset -backward .. forward, concatenated along the within-window dim."""
-    windows = x.shape[dim]
-    pad = [0, 0] * (x.dim() - dim - 1) + [backward, forward]
-    xp = F.pad(x, pad, value=pad_value)
-    return torch.cat([xp.narrow(dim, i, windows) for i in range(backward + forward + 1)], dim=dim + 1)
-
-
-def _window_validity(
-    n: int, w: int, lb: int, lf: int, causal: bool, exact: bool, device: torch.device
-) -> Tensor:
-    """bool [W, w, L * w]: may query (window, slot) see key (look-around slot)?"""
-    windows = math.ceil(n / w)
-    pos = torch.arange(windows * w, device=device).view(windows, w)
-    kpos = _look_around(pos, lb, lf, pad_value=-1, dim=0)  # [W, L*w], -1 = no window there
-    qpos = pos.unsqueeze(-1)  # [W, w, 1]
-    kpos = kpos.unsqueeze(1)  # [W, 1, L*w]
-    valid = (kpos >= 0) & (kpos < n)
-    if causal:
-        valid = valid & (kpos <= qpos)
-    if exact:
-        valid = valid & (qpos - kpos <= w * lb)
-        if not causal:
-            valid = valid & (kpos - qpos <= w * lf)
-    return valid
-
-
-def local_attention_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    window_size: int,
-    causal: bool = False,
-    look_backward: int = 1,
-    look_forward: int = 1,
-    mask: Tensor | None = None,
-    scale: float | None = None,
-    exact_windowsize: bool = False,
-) -> Tensor:
-    """Plain PyTorch local attention (no argument checks; call `local_attention`). Scores and
-    softmax in float32 (float64 for float64 inputs), output in q's dtype."""
-    b, h, n, d = q.shape
-    w, lb, lf = window_size, look_backward, look_forward
-    windows = math.ceil(n / w)
-    pad = windows * w - n
-    scale = d**-0.5 if scale is None else scale
-
-    def tile(t: Tensor) -> Tensor:
-        return F.pad(t, (0, 0, 0, pad)).unflatten(2, (windows, w))  # [b, h, W, w, e]
-
-    acc = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64 inputs
-    bq = tile(q).to(acc) * scale
-    bk = _look_around(tile(k), lb, lf, pad_value=0.0, dim=2).to(acc)  # [b, h, W, L*w, d]
-    bv = _look_around(tile(v), lb, lf, pad_value=0.0, dim=2).to(acc)
-
-    valid = _window_validity(n, w, lb, lf, causal, exact_windowsize, q.device)  # [W, w, L*w]
-    if mask is not None:
-        km = F.pad(mask, (0, pad), value=False).view(b, windows, w)
-        km = _look_around(km, lb, lf, pad_value=False, dim=1)  # [b, W, L*w]
-        valid = valid & km[:, None, :, None, :]  # [b, 1, W, w, L*w]
-
-    sim = torch.einsum("bhwid,bhwjd->bhwij", bq, bk)
-    # Finite fill + multiply by `valid` after softmax: a query with no valid key gets zeros (and
-    # zero gradients) instead of NaN; elsewhere exp(fill - max) is exactly 0 already.
-    sim = sim.masked_fill(~valid, torch.finfo(sim.dtype).min)
-    attn = sim.softmax(dim=-1) * valid
-    out = torch.einsum("bhwij,bhwjd->bhwid", attn, bv)
-    return out.flatten(2, 3)[:, :, :n].to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,9 +245,15 @@ def local_attention_flex(
 # public op
 
 
-def _default_backend(q: Tensor) -> str:
+def _default_backend(q: Tensor, v_dim: int) -> str:
+    """CUDA: the Triton kernels when they take q's dtype and head dim (and v's head dim is q's),
+    else flex for the other power-of-two head dims >= 16; otherwise (CPU) the reference."""
+    if not q.is_cuda:
+        return "reference"
     d = q.shape[-1]
-    flex_ok = q.is_cuda and d >= 16 and (d & (d - 1)) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if v_dim == d and triton_supports(q.dtype, d):
+        return "triton"
+    flex_ok = d >= 16 and (d & (d - 1)) == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     return "flex" if flex_ok else "reference"
 
 
@@ -355,9 +276,13 @@ def local_attention(
     q, k: [b, h, n, d]; v: [b, h, n, e]; same dtype and device. window_size >= 1;
     look_backward >= 0; look_forward >= 0, default 0 if causal else 1 (must be 0 when causal).
     mask: bool [b, n], True = real token (masks keys only). scale: default d ** -0.5.
-    backend: None (flex on CUDA when d is a power of two >= 16, else reference), "reference" or
+    backend: None (on CUDA "triton" when d is a power of two in 16..128 and e == d, else "flex"
+    for other power-of-two d >= 16, else "reference"; on CPU "reference"), "reference", "triton"
+    (CUDA, or CPU under TRITON_INTERPRET=1; needs e == d; stacks q, k, v into the packed
+    [b, n, 3, h, d] layout, one copy: `LocalMHA` passes its projection straight through) or
     "flex" (on CPU: eager flex_attention, forward only).
-    Returns [b, h, n, e] in q's dtype; queries with no visible key get zeros.
+    Returns [b, h, n, e] in q's dtype (a transposed view for "triton"); queries with no visible
+    key get zeros.
     Raises TypeError / ValueError on bad arguments.
     """
     _check_qkv(q, k, v, mask)
@@ -369,12 +294,8 @@ def local_attention(
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if q.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
-    backend = backend or _default_backend(q)
-    fn = local_attention_flex if backend == "flex" else local_attention_reference
-    return fn(
-        q,
-        k,
-        v,
+    backend = backend or _default_backend(q, v.shape[-1])
+    kwargs = dict(
         window_size=window_size,
         causal=bool(causal),
         look_backward=look_backward,
@@ -383,6 +304,13 @@ def local_attention(
         scale=None if scale is None else float(scale),
         exact_windowsize=bool(exact_windowsize),
     )
+    if backend == "triton":
+        if v.shape[-1] != q.shape[-1]:
+            raise ValueError(f"backend='triton' needs v's head dim equal to q's ({q.shape[-1]}), got {v.shape[-1]}")
+        qkv = torch.stack((q, k, v), dim=2).permute(0, 3, 2, 1, 4)  # [b, n, 3, h, d], a view of the stack
+        return local_attention_packed(qkv, backend="triton", **kwargs).transpose(1, 2)
+    fn = local_attention_flex if backend == "flex" else local_attention_reference
+    return fn(q, k, v, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,7 +362,23 @@ class LocalMHA(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [b, n, dim={self.dim}], got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+        backend = self.backend or _default_backend(qkv, self.dim_head)
+        if backend == "triton" and self.rotary is None:
+            # The projection's output goes to the kernels as it is, and its gradient comes back
+            # as one tensor in the same layout: no permute, stack or cat copies either way.
+            out = local_attention_packed(
+                qkv,
+                window_size=self.window_size,
+                causal=self.causal,
+                look_backward=self.look_backward,
+                look_forward=self.look_forward,
+                mask=mask,
+                exact_windowsize=self.exact_windowsize,
+                backend="triton",
+            )
+            return self.to_out(out.view(b, n, self.heads * self.dim_head))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             freqs = self.rotary(torch.arange(n, device=x.device))
             q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
@@ -448,7 +392,7 @@ class LocalMHA(nn.Module):
             look_forward=self.look_forward,
             mask=mask,
             exact_windowsize=self.exact_windowsize,
-            backend=self.backend,
+            backend=backend,
         )
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
 

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from colt5.kernels.checks import check_schedule
 from colt5.kernels.routing import RoutePicks, route_top_k
-from colt5.precision import fp32_scores
+from colt5.kernels.scatter import scatter_back_reference, scatter_back_triton
+from colt5.kernels.norm import norm_score
+from colt5.precision import fp32_scores, to_autocast_dtype
 
 
 class RouterReturn(NamedTuple):
@@ -69,18 +71,32 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     return flat.view(*indices.shape, *x.shape[2:])
 
 
-def scatter_tokens(out: Tensor, routed: Tensor, indices: Tensor) -> Tensor:
-    """out [b, n, d] + routed [b, r, k, d] added at indices [b, r, k]; returns a new tensor.
+def scatter_back(
+    base: Tensor,
+    routed: Tensor,
+    indices: Tensor | None,
+    *,
+    light: Tensor | None = None,
+    weights: Tensor | None = None,
+    real: Tensor | None = None,
+    null: Tensor | None = None,
+) -> Tensor:
+    """A heavy branch's outputs back at their tokens' positions: returns a new [b, n, d] tensor
+    in base's dtype.
 
-    Indices are unique within a route, so each route's index_add has no collisions and the
-    result does not depend on the order of atomic adds (deterministic on CUDA too).
+    base [b, n, d] (the residual stream) + light [b, n, d] (the light branch, if any) +
+    routed [b, (r,) k, d], each row times its router weight (weights [b, (r,) k]), added at
+    indices [b, (r,) k]; picks that are not real tokens (real False) add nothing. With a null
+    output [d] (one route only), every position no real pick covers gets null instead.
+    indices None: nothing was routed and routed has base's positions (routes add up).
+
+    Picks are unique within a route, so the result does not depend on the order of additions.
+    Rows that are not real are selected away, never multiplied by 0, so a NaN in a padding row
+    reaches no output. On CUDA one route goes through the fused op of `colt5.kernels.scatter`.
     """
-    b, n, d = out.shape
-    offsets = torch.arange(b, device=out.device).mul_(n).view(b, 1)
-    flat = out.reshape(b * n, d)
-    for r in range(indices.shape[1]):
-        flat = flat.index_add(0, (indices[:, r] + offsets).reshape(-1), routed[:, r].reshape(-1, d).to(flat.dtype))
-    return flat.view(b, n, d)
+    if base.is_cuda and indices is not None and indices.dim() == 2:
+        return scatter_back_triton(base, routed, indices, light=light, weights=weights, real=real, null=null)
+    return scatter_back_reference(base, routed, indices, light=light, weights=weights, real=real, null=null)
 
 
 def layer_router_kwargs(router_kwargs: dict | None, *, reserved: tuple[str, ...], **fixed) -> dict:
@@ -147,6 +163,11 @@ class Router(nn.Module):
         """[b, n, d] -> [b, r, n] scores. The extension point: subclasses override this."""
         raise NotImplementedError
 
+    def dot_product_tokens(self) -> Tensor | None:
+        """[r, d] when `score` is x . u with routing tokens u this router owns (the layer may
+        then compute the scores inside its norm, `norm_and_scores`); None otherwise."""
+        return None
+
     @property
     def backend(self) -> str | None:
         """The selection backend `use_triton` asks for (None: by device)."""
@@ -161,14 +182,16 @@ class Router(nn.Module):
         random_route: bool = False,
         routing_tokens: Tensor | None = None,
         keep_one_route_dim: bool = False,
+        scores: Tensor | None = None,
     ) -> RouterReturn:
+        """scores: this router's scores of x [b, r, n] if already computed (`norm_and_scores`)."""
         check_tokens(x, getattr(self, "dim", None), mask)
         check_num_tokens(num_tokens)
         n = x.shape[1]
         if n <= num_tokens:
             return self._pass_all(x, mask, keep_one_route_dim)
 
-        scores = self._checked_score(x, routing_tokens)
+        scores = self._checked_score(x, routing_tokens) if scores is None else scores
         picks = self.select(scores, mask, num_tokens, random_route)
         return self._finish(x, picks, keep_one_route_dim)
 
@@ -238,25 +261,31 @@ class Router(nn.Module):
         return RoutePicks(indices.flatten(2), weights.flatten(2), real.flatten(2))
 
     def route_back(self, out: Tensor, routed_out: Tensor, indices: Tensor | None, routed_mask: Tensor | None = None) -> Tensor:
-        """Add heavy outputs back at their positions: out [b, n, d] + routed_out [b, (r,) k, d].
+        """Add heavy outputs back at their positions: out [b, n, d] + routed_out [b, (r,) k, d]
+        (see `scatter_back`). Picks that are padding (routed_mask False) contribute nothing."""
+        return scatter_back(out, routed_out, indices, real=routed_mask)
 
-        With indices None (nothing was routed) routed_out has out's positions and is added as is.
-        Picks that are padding (routed_mask False) contribute nothing. Deterministic.
-        """
-        if routed_mask is not None:
-            routed_out = routed_out * routed_mask.unsqueeze(-1).to(routed_out.dtype)
-        if indices is None:
-            return out + (routed_out if routed_out.dim() == out.dim() else routed_out.sum(1))
-        if indices.dim() == 2:
-            indices, routed_out = indices.unsqueeze(1), routed_out.unsqueeze(1)
-        return scatter_tokens(out, routed_out, indices)
+
+def norm_and_scores(norm: nn.LayerNorm, x: Tensor, routers: list[Router]) -> tuple[Tensor, list[Tensor] | None]:
+    """A routed layer's first step: its normalised input (in the autocast dtype, see
+    colt5.precision) and, when every router scores by a dot product with routing tokens of its
+    own, their scores [b, r, n] from the same fused op on CUDA (`colt5.kernels.norm`); None
+    instead of the scores otherwise (the routers then score the normalised input)."""
+    tokens = [router.dot_product_tokens() for router in routers]
+    if x.is_cuda and norm.weight is not None and norm.bias is not None and all(t is not None for t in tokens):
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        xn, scores = norm_score(x, norm.weight, norm.bias, torch.cat(tokens), eps=norm.eps, out_dtype=dtype)
+        return xn, list(scores.split([t.shape[0] for t in tokens], dim=1))
+    return to_autocast_dtype(norm(x)), None
 
 
 def route_together(
-    x: Tensor, requests: list[tuple[Router, int, bool]], *, mask: Tensor | None = None
+    x: Tensor, requests: list[tuple[Router, int, bool]], *, mask: Tensor | None = None,
+    scores: list[Tensor] | None = None,
 ) -> list[RouterReturn]:
     """Route x through several routers at once: `[router(x, num_tokens=k, mask=mask,
-    keep_one_route_dim=keep) for router, k, keep in requests]`, same results.
+    keep_one_route_dim=keep) for router, k, keep in requests]`, same results; scores: each
+    router's precomputed scores (or None).
 
     Each soft top-k and each pick is a chain of small dependent steps on one row that leaves most
     of a GPU idle, so routers that can share them (same pipeline, schedule, backend and token
@@ -270,11 +299,13 @@ def route_together(
         check_num_tokens(k)
     routers = [router for router, _, _ in requests]
     first, num_tokens = routers[0], requests[0][1]
+    scores = [None] * len(requests) if scores is None else scores
     if not (len(requests) > 1 and x.shape[1] > num_tokens and all(_shares_routing(first, r) for r in routers)
             and all(k == num_tokens for _, k, _ in requests)):
-        return [router(x, num_tokens=k, mask=mask, keep_one_route_dim=keep) for router, k, keep in requests]
-    scores = torch.cat([router._checked_score(x, None) for router in routers], dim=1)  # [b, sum r, n]
-    picks = first._select_rows(scores, mask, num_tokens, False)
+        return [router(x, num_tokens=k, mask=mask, keep_one_route_dim=keep, scores=s)
+                for (router, k, keep), s in zip(requests, scores)]
+    rows = [router._checked_score(x, None) if s is None else s for router, s in zip(routers, scores)]
+    picks = first._select_rows(torch.cat(rows, dim=1), mask, num_tokens, False)  # [b, sum r, n]
     # One gather for all (its backward is one zero-filled [b, n, d] gradient, not one per router).
     tokens = gather_tokens(x, picks.indices)
     sizes = [router.num_routing_tokens for router in routers]
@@ -358,3 +389,7 @@ class CoordinateDescentRouter(Router):
             routing_tokens = F.normalize(routing_tokens, dim=-1)
         scores = fp32_scores(x, routing_tokens)
         return scores * self.cosine_sim_scale if self.cosine_sim_routing else scores
+
+    def dot_product_tokens(self) -> Tensor | None:
+        plain = type(self).score is CoordinateDescentRouter.score and not self.cosine_sim_routing
+        return self.routing_token if plain and self.routing_token is not None else None

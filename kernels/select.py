@@ -75,7 +75,7 @@ def _top_k_indices_kernel(
 ):
     # IN_REGS: the row fits one BLOCK_N chunk and stays in registers; otherwise every pass streams it.
     # PICK_WEIGHTS (routers): also the weights and real flags at the picks, from the soft
-    # top-k's final offset and epsilon in stats [rows, 5, n_stat] (see kernels/coor_descent.py).
+    # top-k's final offset and epsilon in stats [rows, 5, n_stat] (see kernels/soft_topk_kernels.py).
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * n
     mask_row = mask_ptr + (row // mask_div) * n  # a mask row may serve mask_div score rows

@@ -2,7 +2,7 @@
 
 Shapes: s, mask, y, ds are [rows, n] inside (the public functions flatten [..., n]); a per-row
 k, the offset a_T and its gradient ga are [rows]; stats is [rows, 5, T + 1] fp32 with
-T = n_iters. The kernels and the math are in `kernels/coor_descent.py`.
+T = n_iters. The kernels and the math are in `kernels/soft_topk_kernels.py`.
 
 One path in every mode: the public functions call the library ops (`colt5::coor_descent_fwd`,
 `colt5::coor_descent_offset_fwd`, their backward `colt5::coor_descent_bwd`), which eager mode
@@ -22,7 +22,7 @@ import triton
 from torch import Tensor
 
 from .checks import check_coor_descent_args, eps_schedule
-from .coor_descent import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
+from .soft_topk_kernels import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
 from .reference import coor_descent_offset_reference, coor_descent_reference
 from .runtime import INTERPRET, off_current_device, require_triton
 

@@ -1,13 +1,13 @@
-"""heavy_attend and ConditionalRoutedAttention: the heavy branch against a per-query, per-head
-loop (null key/value, kv routes splitting heads, score scaling, rotary at original positions,
-null query tokens), shapes/dtypes, masks, gradients, edge cases, errors, Triton vs reference."""
+"""ConditionalRoutedAttention: the heavy branch against a per-query, per-head loop (null
+key/value, kv routes splitting heads, score scaling, rotary at original positions, null query
+tokens), shapes/dtypes, masks, gradients, edge cases, errors, Triton vs reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from colt5.attention import ConditionalRoutedAttention, heavy_attend
+from colt5.attention import ConditionalRoutedAttention
 from colt5.rotary import apply_rotary
 from conftest import assert_close
 
@@ -32,59 +32,6 @@ def padded_mask(b, n, lengths):
     return torch.arange(n).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
 
 
-# ---------------------------------------------------------------------------------- heavy_attend
-
-
-def naive_attend(q, k, v, nk, nv, allowed):
-    """float64 softmax attention over [null] + keys, per (b, h, i) row; allowed [b, h, i, j]."""
-    b, h, i, dh = q.shape
-    out = torch.empty(b, h, i, dh, dtype=torch.float64)
-    for bi in range(b):
-        for hh in range(h):
-            for ii in range(i):
-                keys = [nk[hh]] + [k[bi, hh, jj] for jj in range(k.shape[2]) if allowed[bi, hh, ii, jj]]
-                vals = [nv[hh]] + [v[bi, hh, jj] for jj in range(k.shape[2]) if allowed[bi, hh, ii, jj]]
-                logits = torch.stack(keys).double() @ q[bi, hh, ii].double() * dh**-0.5
-                out[bi, hh, ii] = logits.softmax(0) @ torch.stack(vals).double()
-    return out
-
-
-@pytest.mark.parametrize("mask_kind", ["none", "kv2", "kv3", "attn", "both"])
-def test_heavy_attend_vs_loop(seeded, mask_kind):
-    b, h, i, j, dh = 2, 3, 5, 7, 4
-    q, k, v = torch.randn(b, h, i, dh), torch.randn(b, h, j, dh), torch.randn(b, h, j, dh)
-    nk, nv = torch.randn(h, dh), torch.randn(h, dh)
-    kv_mask = attn_mask = None
-    allowed = torch.ones(b, h, i, j, dtype=torch.bool)
-    if mask_kind in ("kv2", "both"):
-        kv_mask = torch.rand(b, j) > 0.5
-        kv_mask[1] = False  # a row with no real key: attends the null slot only
-        allowed &= kv_mask[:, None, None, :]
-    if mask_kind == "kv3":
-        kv_mask = torch.rand(b, h, j) > 0.5
-        allowed &= kv_mask[:, :, None, :]
-    if mask_kind in ("attn", "both"):
-        attn_mask = torch.ones(i, j, dtype=torch.bool).tril().view(1, 1, i, j)
-        allowed &= attn_mask
-    out = heavy_attend(q, k, v, null_k=nk, null_v=nv, kv_mask=kv_mask, attn_mask=attn_mask)
-    assert out.shape == (b, h, i, dh) and torch.isfinite(out).all()
-    assert_close(out, naive_attend(q, k, v, nk, nv, allowed), 1e-5, "heavy_attend")
-    if mask_kind in ("kv2",):
-        assert_close(out[1], nv.view(h, 1, dh).expand(h, i, dh), 1e-6, "empty row -> null value")
-
-
-def test_heavy_attend_shared_null_and_errors(seeded):
-    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
-    nk, nv = torch.randn(4), torch.randn(4)
-    out = heavy_attend(q, k, v, null_k=nk, null_v=nv)
-    ref = heavy_attend(q, k, v, null_k=nk.expand(2, 4), null_v=nv.expand(2, 4))
-    assert_close(out, ref, 1e-6, "broadcast null")
-    with pytest.raises(ValueError, match="k and v"):
-        heavy_attend(q, k[:, :, :, :3], v, null_k=nk, null_v=nv)
-    with pytest.raises(ValueError, match="attn_mask"):
-        heavy_attend(q, k, v, null_k=nk, null_v=nv, attn_mask=torch.ones(1, 1, 3, 4, dtype=torch.bool))
-
-
 # ---------------------------------------------------------------------- ConditionalRoutedAttention
 
 
@@ -96,16 +43,18 @@ def naive_routed_attention(attn, x, mask, nq, nkv):
     xn = attn.norm(x)
     qi, qs, _, qm = attn.q_router(xn, num_tokens=nq, mask=mask)
     kvi, kvs, _, kvm = attn.kv_router(xn, num_tokens=nkv, mask=mask, keep_one_route_dim=True)
-    wq = attn.to_q.weight.view(H, DH, d)
-    wkv = attn.to_kv.weight.view(r, 2, hr, DH, d)  # documented layout: (route, k|v, head, dh)
-    wo = attn.to_out.weight
+    heavy = attn.heavy
+    wq = heavy.to_q.weight.view(H, DH, d)
+    wkv = heavy.to_kv.weight.view(r, 2, hr, DH, d)  # documented layout: (route, k|v, head, dh)
+    wo = heavy.to_out.weight
+    null_k, null_v = heavy.null_kv
 
     def rot(t, pos):
-        if attn.rotary is None:
+        if heavy.rotary is None:
             return t
-        return apply_rotary(t.view(1, DH), attn.rotary(torch.tensor([pos]))).view(DH)
+        return apply_rotary(t.view(1, DH), heavy.rotary(torch.tensor([pos]))).view(DH)
 
-    out = torch.zeros(b, n, d) if attn.null_q_token is None else attn.null_q_token.expand(b, n, d).clone()
+    out = torch.zeros(b, n, d) if heavy.null_q_token is None else heavy.null_q_token.expand(b, n, d).clone()
     for bi in range(b):
         for t in range(qi.shape[1]):
             if qm is not None and not qm[bi, t]:
@@ -115,16 +64,16 @@ def naive_routed_attention(attn, x, mask, nq, nkv):
             for hh in range(H):
                 g, jj = divmod(hh, hr)
                 q = rot(wq[hh] @ xn[bi, p], p)
-                if attn.multiply_queries_by_score:
+                if heavy.multiply_queries_by_score:
                     q = q * qs[bi, t]
-                keys, vals = [attn.null_k[hh]], [attn.null_v[hh]]
+                keys, vals = [null_k[hh]], [null_v[hh]]
                 for u in range(kvi.shape[2]):
                     if kvm is not None and not kvm[bi, g, u]:
                         continue
                     pos = int(kvi[bi, g, u])
                     s = kvs[bi, g, u]
                     kk = rot(wkv[g, 0, jj] @ xn[bi, pos], pos)
-                    keys.append(kk * s if attn.multiply_keys_by_score else kk)
+                    keys.append(kk * s if heavy.multiply_keys_by_score else kk)
                     vals.append((wkv[g, 1, jj] @ xn[bi, pos]) * s)
                 a = (torch.stack(keys) @ q * DH**-0.5).softmax(0)
                 heads.append(a @ torch.stack(vals))
@@ -173,9 +122,12 @@ def test_unrouted_queries_get_the_null_token(seeded):
     y = attn(x)
     qi = attn.q_router(attn.norm(x), num_tokens=4).indices
     unrouted = torch.ones(2, 12, dtype=torch.bool).scatter(1, qi, False)
-    assert torch.equal(y[unrouted], attn.null_q_token.detach().expand(int(unrouted.sum()), D))
+    with torch.no_grad():
+        attn.heavy.null_q_token.normal_()  # zeros at initialisation
+    y = attn(x)
+    assert torch.equal(y[unrouted], attn.heavy.null_q_token.detach().expand(int(unrouted.sum()), D))
     attn0 = make(has_light_attn=False, use_null_q_tokens=False)
-    assert attn0.null_q_token is None
+    assert attn0.heavy.null_q_token is None
     qi0 = attn0.q_router(attn0.norm(x), num_tokens=4).indices
     unrouted0 = torch.ones(2, 12, dtype=torch.bool).scatter(1, qi0, False)
     y0 = attn0(x)

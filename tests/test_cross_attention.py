@@ -13,7 +13,7 @@ D, DC, DH = 16, 12, 4
 
 def make(heads=4, r=1, block=None, nq=5, nkv=6, straight_through=False, **kw):
     torch.manual_seed(0)
-    return ConditionalRoutedCrossAttention(
+    mod = ConditionalRoutedCrossAttention(
         D,
         num_tokens_q=nq,
         num_tokens_kv=nkv,
@@ -26,6 +26,10 @@ def make(heads=4, r=1, block=None, nq=5, nkv=6, straight_through=False, **kw):
         dim_context=DC,
         **kw,
     ).double()
+    if mod.heavy.null_q_token is not None:
+        with torch.no_grad():  # zeros at initialisation: make it visible
+            mod.heavy.null_q_token.normal_()
+    return mod
 
 
 def inputs(b=2, n=11, m=40, seed=1):
@@ -41,30 +45,32 @@ def reference(mod, x, context, nq, nkv, mask=None, context_mask=None):
     qr = mod.q_router(x, num_tokens=nq, mask=mask)
     kvr = mod.kv_router(context, num_tokens=nkv, mask=context_mask, keep_one_route_dim=True)
     q_idx = torch.arange(n).expand(b, n) if qr.indices is None else qr.indices
-    wk, wv = mod.to_kv.weight.chunk(2, dim=0)  # rows ordered (route, head-in-route, dh)
+    heavy = mod.heavy
+    wkv = heavy.to_kv.weight.view(r, 2, g * DH, DC)  # rows ordered (route, k|v, head-in-route, dh)
+    null_k, null_v = heavy.null_kv
     out = torch.zeros(b, n, D, dtype=torch.float64)
-    null_out = mod.null_q_token if mod.null_q_token is not None else torch.zeros(D, dtype=torch.float64)
+    null_out = heavy.null_q_token if heavy.null_q_token is not None else torch.zeros(D, dtype=torch.float64)
     for bi in range(b):
         out[bi] = null_out.detach()
         for qi_pos, qi in enumerate(q_idx[bi].tolist()):
-            q = mod.to_q(mod.norm(x[bi, qi]))
+            q = heavy.to_q(mod.norm(x[bi, qi]))
             heads_out = []
             for hh in range(h):
                 route = hh // g
                 toks = mod.context_norm(kvr.routed_tokens[bi, route])  # [j, c]
-                rows = slice(hh * DH, (hh + 1) * DH)
-                k, v = toks @ wk[rows].T, toks @ wv[rows].T
+                rows = slice((hh % g) * DH, (hh % g + 1) * DH)
+                k, v = toks @ wkv[route, 0, rows].T, toks @ wkv[route, 1, rows].T
                 if kvr.scores is not None:
                     s = kvr.scores[bi, route].unsqueeze(-1)
                     v = v * s
-                    if mod.multiply_keys_by_score:
+                    if heavy.multiply_keys_by_score:
                         k = k * s
                 keep = torch.ones(k.shape[0], dtype=torch.bool) if kvr.routed_mask is None else kvr.routed_mask[bi, route]
-                k = torch.cat([mod.null_k[hh : hh + 1], k[keep]])
-                v = torch.cat([mod.null_v[hh : hh + 1], v[keep]])
-                logits = k @ q[rows] / math.sqrt(DH)
+                k = torch.cat([null_k[hh : hh + 1], k[keep]])
+                v = torch.cat([null_v[hh : hh + 1], v[keep]])
+                logits = k @ q[hh * DH:(hh + 1) * DH] / math.sqrt(DH)
                 heads_out.append(torch.softmax(logits, 0) @ v)
-            o = mod.to_out(torch.cat(heads_out))
+            o = heavy.to_out(torch.cat(heads_out))
             if qr.scores is not None:
                 o = o * qr.scores[bi, qi_pos]
             out[bi, qi] = o
@@ -138,7 +144,7 @@ def test_fully_padded_context_row_attends_null_only(block):
     assert torch.isfinite(out).all()
     with torch.no_grad():
         qr = mod.q_router(x[1:], num_tokens=5)
-        null_attn = mod.to_out(mod.null_v.reshape(-1))  # softmax over the null slot alone
+        null_attn = mod.heavy.to_out(mod.heavy.null_kv[1].reshape(-1))  # softmax over the null slot alone
         assert_close(out[1, qr.indices[0]], (qr.scores[0, :, None] * null_attn).detach(), 1e-12, "null only")
     out.sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in mod.parameters() if p.grad is not None)
@@ -155,7 +161,7 @@ def test_short_queries_and_unrouted_null(use_null):
         picked = mod.q_router(x, num_tokens=2).indices
         unrouted = torch.ones(2, 11, dtype=torch.bool)
         unrouted.scatter_(1, picked, False)
-        null = mod.null_q_token if use_null else torch.zeros(D, dtype=torch.float64)
+        null = mod.heavy.null_q_token if use_null else torch.zeros(D, dtype=torch.float64)
         assert torch.equal(out[unrouted], null.expand(int(unrouted.sum()), D))
         assert_close(out, reference(mod, x, context, 2, 3), 1e-10, "forward overrides")
 
@@ -182,7 +188,7 @@ def test_bf16_autocast_cpu():
     assert out.dtype == torch.bfloat16 and out.shape == (2, 11, D)
     assert torch.isfinite(out).all()
     out.float().sum().backward()
-    assert torch.isfinite(mod.to_kv.weight.grad).all()
+    assert torch.isfinite(mod.heavy.to_kv.weight.grad).all()
 
 
 def test_bad_input():

@@ -1,5 +1,6 @@
 """Local windowed attention: reference vs the `local-attention` package and a dense float64
-definition, flex vs reference, block-mask structure, rotary embeddings, LocalMHA."""
+definition, flex and triton vs reference, block-mask structure, rotary embeddings, LocalMHA.
+(The Triton kernels' own tests are in test_attention_kernel.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 from conftest import HAS_CUDA, TOLERANCES, assert_close, requires_cuda
 
-from colt5.local_attention import LocalMHA, _window_kv_blocks, _window_mask_mod, local_attention
+import colt5.kernels.flash_attention as attention_kernels
+from colt5.local_attention import LocalMHA, _default_backend, _window_kv_blocks, _window_mask_mod, local_attention
 from colt5.rotary import RotaryEmbedding, apply_rotary
 
 # Eager flex_attention on CPU warns that it is unfused; that is the point of the CPU test.
@@ -211,13 +213,101 @@ def test_flex_matches_reference_cpu(n, w, look, masked):
     assert_close(flex, ref, TOLERANCES[torch.float32][0], "flex vs reference")
 
 
+@pytest.mark.parametrize(
+    "n,w,look,exact,masked",
+    [(100, 16, (False, 1, 1), False, False), (90, 24, (True, 1, 0), True, True), (70, 8, (False, 2, 1), True, True)],
+)
+def test_triton_matches_reference_cpu(n, w, look, exact, masked):
+    """backend="triton" (the kernels under the interpreter; q, k, v stacked into the packed
+    layout) against the float64 reference, output and gradients."""
+    causal, lb, lf = look
+    q, k, v, mask = _inputs(1, 2, n, 16, torch.float32, masked, seed=n)
+    kw = dict(window_size=w, causal=causal, look_backward=lb, look_forward=lf, mask=mask, exact_windowsize=exact)
+    cot = torch.randn(1, 2, n, 16, dtype=torch.float64)
+
+    def run(dtype, backend):
+        qq, kk, vv = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
+        out = local_attention(qq, kk, vv, backend=backend, **kw)
+        (out.double() * cot).sum().backward()
+        return out, qq.grad, kk.grad, vv.grad
+
+    got, want = run(torch.float32, "triton"), run(torch.float64, "reference")
+    assert got[0].shape == (1, 2, n, 16) and got[0].dtype == torch.float32
+    rtol_out, rtol_grad = TOLERANCES[torch.float32]
+    for name, a, e in zip(["out", "dq", "dk", "dv"], got, want):
+        assert_close(a, e, rtol_out if name == "out" else rtol_grad, name)
+    with pytest.raises(ValueError, match="head dim"):
+        local_attention(q, k, v[..., :8], window_size=w, backend="triton")
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["packed", "rotary-stacked"])
+def test_local_mha_triton_matches_reference(rotary):
+    """Without rotary LocalMHA hands its projection straight to local_attention_packed; with
+    rotary it goes through local_attention's stack. Both match the reference backend, output
+    and every parameter gradient."""
+    torch.manual_seed(2)
+    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, causal=not rotary, rotary_emb=rotary, backend="triton")
+    x = torch.randn(1, 29, 32)
+    mask = torch.rand(1, 29) > 0.2
+
+    def run(backend):
+        mha.backend = backend
+        mha.zero_grad()
+        out = mha(x, mask=mask)
+        out.square().sum().backward()
+        return out, [p.grad.clone() for p in mha.parameters()]
+
+    (out, grads), (ref, ref_grads) = run("triton"), run("reference")
+    assert_close(out, ref, 1e-5, "LocalMHA triton")
+    for a, e in zip(grads, ref_grads):
+        assert_close(a, e, 1e-4, "LocalMHA triton grads")
+
+
+def test_local_mha_triton_packed_path_launches_once(monkeypatch):
+    """The fast path: one kernel launch, on the projection's own [b, n, 3, h, d] output."""
+    seen = []
+    real = attention_kernels.attention_fwd
+
+    def spy(q, kv, *args):
+        seen.append((tuple(q.shape), q.is_contiguous(), kv))
+        return real(q, kv, *args)
+
+    monkeypatch.setattr(attention_kernels, "attention_fwd", spy)
+    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, backend="triton")
+    mha(torch.randn(2, 20, 32))
+    assert seen == [((2, 20, 3, 2, 16), True, None)]
+
+
+def test_triton_path_traces_without_graph_breaks():
+    torch.manual_seed(0)
+    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, causal=True, backend="triton")
+    compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 19, 32)
+    mask = torch.rand(2, 19) > 0.2
+    with torch.no_grad():
+        expected = mha(x, mask=mask)
+        assert_close(compiled(x, mask=mask), expected, 1e-6, "compiled triton LocalMHA")
+
+
+def test_default_backend_choice():
+    cpu = torch.empty(1, 2, 3, 64)
+    assert _default_backend(cpu, 64) == "reference"
+    if not HAS_CUDA:
+        return
+    assert _default_backend(cpu.cuda().bfloat16(), 64) == "triton"
+    assert _default_backend(torch.empty(1, 2, 3, 256, device="cuda"), 256) == "flex"
+    assert _default_backend(torch.empty(1, 2, 3, 24, device="cuda"), 24) == "reference"
+    assert _default_backend(cpu.cuda(), 32) == "flex"  # e != d: not the packed kernels
+
+
 @requires_cuda
+@pytest.mark.parametrize("backend", ["flex", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     "n,w,look,masked",
     [(1024, 128, (False, 1, 1), False), (1000, 64, (True, 1, 0), True), (777, 48, (False, 2, 1), True)],
 )
-def test_flex_matches_reference_cuda(n, w, look, masked, dtype):
+def test_flex_matches_reference_cuda(n, w, look, masked, dtype, backend):
     causal, lb, lf = look
     q, k, v, mask = (t.cuda() if t is not None else None for t in _inputs(2, 4, n, 64, dtype, masked, seed=n))
     kw = dict(window_size=w, causal=causal, look_backward=lb, look_forward=lf, mask=mask)
@@ -230,7 +320,7 @@ def test_flex_matches_reference_cuda(n, w, look, masked, dtype):
         return out, qq.grad, kk.grad, vv.grad
 
     rtol_out, rtol_grad = TOLERANCES[dtype] if dtype != torch.float32 else (1e-4, 1e-3)
-    for name, a, e in zip(["out", "dq", "dk", "dv"], run("flex"), run("reference")):
+    for name, a, e in zip(["out", "dq", "dk", "dv"], run(backend), run("reference")):
         assert_close(a, e, rtol_out if name == "out" else rtol_grad, name)
 
 
@@ -347,7 +437,7 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="mask"):
         local_attention(q, q, q, mask=torch.ones(1, 9, dtype=torch.bool), **ok)
     with pytest.raises(ValueError, match="backend"):
-        local_attention(q, q, q, backend="triton", **ok)
+        local_attention(q, q, q, backend="nope", **ok)
     with pytest.raises(TypeError, match="dtype"):
         local_attention(q, q.double(), q, **ok)
     with pytest.raises(TypeError, match="floating"):

@@ -9,7 +9,7 @@ from torch import nn
 
 from colt5.feedforward import ConditionalRoutedFeedForward
 from colt5.kernels import coor_descent
-from colt5.routers import CoordinateDescentRouter, Router, gather_tokens, route_together, scatter_tokens
+from colt5.routers import CoordinateDescentRouter, Router, gather_tokens, route_together, scatter_back
 from conftest import assert_close
 
 
@@ -198,7 +198,32 @@ def test_gather_and_scatter_helpers_vs_loops():
         for j in range(r):
             for t in range(k):
                 expected[i, idx[i, j, t]] += routed[i, j, t]
-    assert_close(scatter_tokens(x, routed, idx), expected, 1e-6, "scatter_tokens")
+    assert_close(scatter_back(x, routed, idx), expected, 1e-6, "scatter_back")
+
+
+def test_scatter_back_with_weights_null_and_padding_vs_loop():
+    """One route: weighted rows at their positions, null everywhere else; picks that are not
+    real add nothing, even when their rows hold NaN."""
+    gen = torch.Generator().manual_seed(8)
+    b, n, k, d = 2, 10, 4, 3
+    base = torch.randn(b, n, d, generator=gen)
+    idx = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(b)])
+    routed = torch.randn(b, k, d, generator=gen)
+    weights = torch.rand(b, k, generator=gen)
+    real = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    routed[~real] = float("nan")
+    null = torch.randn(d, generator=gen)
+    expected = base + null
+    for i in range(b):
+        for t in range(k):
+            if real[i, t]:
+                expected[i, idx[i, t]] = base[i, idx[i, t]] + weights[i, t] * routed[i, t]
+    got = scatter_back(base, routed, idx, weights=weights, real=real, null=null)
+    assert_close(got, expected, 1e-6, "scatter_back")
+    every = torch.randn(b, n, d, generator=gen)
+    pad = torch.rand(b, n, generator=gen) > 0.3
+    all_pass = scatter_back(base, every, None, real=pad, null=null)
+    assert_close(all_pass, base + torch.where(pad.unsqueeze(-1), every, null), 1e-6, "nothing routed")
 
 
 @pytest.mark.parametrize("routes", [1, 3])

@@ -1,0 +1,875 @@
+"""Flash attention in Triton for both attention branches: the heavy (routed) attention and the
+light (windowed) attention share one forward kernel and two backward kernels.
+
+Shapes: b batch, i queries, j keys, h heads, r key-value routes, g = h / r heads per route,
+dh head dim (a power of two, 16..128, for the kernels); local attention: n tokens, w window.
+
+Layouts, read through strides (the kernels never need a copy):
+  heavy  q [b, i, h, dh]; kv [b, r, j, 2, g, dh] with k = kv[:, :, :, 0], v = kv[:, :, :, 1]:
+         route r serves heads r*g .. r*g+g-1. Each head has its own k/v; the masks, value
+         scales and positions [b, r, j] are shared by the heads of a route.
+  local  qkv [b, n, 3, h, dh], the qkv projection's output viewed: one route, g = h.
+Outputs: o [b, i, h, dh] contiguous; for the backward the log-sum-exp (base 2) per (b, h, query);
+gradients in the inputs' layouts (the local one as a single dqkv tensor).
+
+Visibility of key j to query i: j in range and kv_mask[j], then per mode
+  heavy  kv_pos[j] <= q_pos[i] when positions are given; with window slots also
+         j // Ckv <= i // Cq (no key of a later window);
+  local  key window within [-look_backward, look_forward] of the query's; causal j <= i;
+         exact_windowsize i - j <= w * look_backward (and, non-causal, j - i <= w * look_forward).
+Each program of the forward and of the dq kernel loops only over the key blocks its rows may
+see (`_kv_range`); each dk/dv program only over the query blocks that may see its keys
+(`_q_range`). A 128-query block with w = 128 and look 1/1 touches 384 keys.
+
+Online softmax in fp32 (exp2, the scale folded into log2 units). The learned null key/value is
+its initial state (m = q . null_k * scale, l = 1, acc = null_v), so it is never concatenated.
+A query with nothing visible gets 0 and an lse of +inf, which zeroes its probabilities, so its
+gradients are 0 too.
+
+NaN/inf safety: scores, probabilities and ds of invisible pairs are selected away with
+tl.where, never multiplied by a mask; key rows that no query of the program's block can see
+(masked, out of range, past the block's last position or window) are zeroed before every dot
+that contracts over keys. A key visible to some query of a block is a real input: if it holds
+NaN, it may reach the other queries of that block too (0 * NaN in p @ v).
+
+Backward, deterministic (no atomics): kernel 1 per query block writes delta = rowsum(do * o),
+dq and per-block partial sums of the null key/value gradients; kernel 2 per key block writes dk,
+dv and per-head partial sums of the kv_scale gradient; torch sums reduce the partials.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .flash_attention_reference import attention_reference, local_attention_packed_reference
+from .runtime import INTERPRET, off_current_device, require_triton
+
+__all__ = ["attention", "local_attention_packed", "block_ranges", "check_int", "resolve_look", "triton_supports"]
+
+LOG2E = 1.4426950408889634
+
+# Block sizes: the shapes of Triton's flash-attention tutorial on Hopper, not timed here (no GPU
+# on the dev machine): tune on the GPU. Forward 128 x 64 tiles, 3 stages; fp32 inputs (ieee dots,
+# twice the bytes per tile) 64 x 64 and 2 stages to fit shared memory. Backward 64 x 64 in both
+# kernels (kernel 2 keeps k, v, dk, dv of its block resident). 8 warps at dh = 128.
+FWD_BLOCK_M, FWD_BLOCK_N, FWD_STAGES = 128, 64, 3
+FWD_BLOCK_M_FP32, FWD_STAGES_FP32 = 64, 2
+BWD_BLOCK_M, BWD_BLOCK_N, BWD_STAGES = 64, 64, 2
+NUM_WARPS, NUM_WARPS_DH128 = 4, 8
+
+# Tests set these: block sizes {"fwd": (bm, bn), "bwd": (bm, bn)}; NaN-fill outputs and partials
+# before the kernels write them.
+_FORCE_BLOCKS: dict = {}
+_POISON = False
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """The dtype dot operands are cast to (after rounding to the input dtype): the input's own,
+    except bf16 under the interpreter, whose dot multiplies bf16's uint16 storage as integers
+    (triton 3.x): fp32 there, exact for bf16-rounded operands."""
+    if INTERPRET and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+_BACKENDS = (None, "triton", "reference")
+
+
+# --------------------------------------------------------------------------------------------
+# @triton.jit helpers shared by the three kernels
+
+
+@triton.jit
+def _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg):
+    """Program (b, h) -> (b, h, offset of its q rows, offset of its k/v rows, offset of its
+    route's [n_kv] masks/scales/positions), int64. Head h reads route h // G, head h % G."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    r = h // G
+    return b, h, b * s_qb + h * s_qh, b * s_kb + r * s_kr + (h % G) * s_kg, (b * R + r) * n_kv
+
+
+@triton.jit
+def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+              EXACT: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[lo, hi): the keys some query m0 .. m0 + BLOCK_M - 1 (< n_q) may see (in int64, so a
+    large window product cannot wrap)."""
+    m0 = m0.to(tl.int64)
+    q_last = tl.minimum(m0 + BLOCK_M, n_q) - 1
+    lo = m0 * 0
+    hi = lo + n_kv
+    if LOCAL:
+        lo = tl.maximum((m0 // w - lb) * w, 0)
+        hi = tl.minimum((q_last // w + lf + 1) * w, n_kv)
+        if CAUSAL:
+            hi = tl.minimum(hi, q_last + 1)
+        if EXACT:
+            lo = tl.maximum(lo, m0 - w * lb)
+            if not CAUSAL:
+                hi = tl.minimum(hi, q_last + w * lf + 1)
+    if WINDOWED:
+        hi = tl.minimum(hi, (q_last // cq + 1) * ckv)
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+             EXACT: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the queries that may see some key n0 .. n0 + BLOCK_N - 1 (< n_kv)."""
+    n0 = n0.to(tl.int64)
+    k_last = tl.minimum(n0 + BLOCK_N, n_kv) - 1
+    lo = n0 * 0
+    hi = lo + n_q
+    if LOCAL:
+        lo = tl.maximum((n0 // w - lf) * w, 0)
+        hi = tl.minimum((k_last // w + lb + 1) * w, n_q)
+        if CAUSAL:
+            lo = tl.maximum(lo, n0)
+        if EXACT:
+            hi = tl.minimum(hi, k_last + w * lb + 1)
+            if not CAUSAL:
+                lo = tl.maximum(lo, n0 - w * lf)
+    if WINDOWED:
+        lo = tl.maximum(lo, (n0 // ckv) * cq)
+    return lo.to(tl.int32), hi.to(tl.int32)
+
+
+@triton.jit
+def _visible(qi, kj, q_ok, k_ok, qpos, kpos, w, lb, lf, cq, ckv, LOCAL: tl.constexpr,
+             CAUSAL: tl.constexpr, EXACT: tl.constexpr, CAUSAL_POS: tl.constexpr,
+             WINDOWED: tl.constexpr):
+    """May query qi see key kj? Arguments come shaped to broadcast ([M, 1] and [1, N] or the
+    transpose), and so does the answer."""
+    vis = q_ok & k_ok
+    if LOCAL:
+        diff = kj // w - qi // w
+        vis = vis & (diff >= -lb) & (diff <= lf)
+        if CAUSAL:
+            vis = vis & (kj <= qi)
+        if EXACT:
+            vis = vis & (qi - kj <= w * lb)
+            if not CAUSAL:
+                vis = vis & (kj - qi <= w * lf)
+    if CAUSAL_POS:
+        vis = vis & (kpos <= qpos)
+    if WINDOWED:
+        vis = vis & (kj // ckv <= qi // cq)
+    return vis
+
+
+@triton.jit
+def _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, kj, offs_d, s_kj, n_kv, lo, hi, qpos_max,
+               HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr):
+    """Key rows kj [BLOCK_N] of one head -> (k, v, v_eff = v * kv_scale, kv_scale (fp32), ok,
+    kpos). ok: some query of the block may see the key (in [lo, hi), unmasked, kv_pos <= the
+    block's largest q_pos); k, v, v_eff rows are 0 where not ok, whatever memory holds.
+    One helper per key block: under the interpreter every @triton.jit call costs ~0.2 ms."""
+    ok = (kj >= lo) & (kj < hi)
+    if HAS_MASK:
+        ok = ok & (tl.load(KV_MASK + meta_off + kj, mask=ok, other=0) != 0)
+    kpos = kj
+    if CAUSAL_POS:
+        kpos = tl.load(KV_POS + meta_off + kj, mask=ok, other=0)
+        ok = ok & (kpos <= qpos_max)
+    ptr = kv_off + kj[:, None] * s_kj + offs_d[None, :]
+    k_in = (kj < n_kv)[:, None]
+    k = tl.load(K + ptr, mask=k_in, other=0.0)
+    v = tl.load(V + ptr, mask=k_in, other=0.0)
+    k = tl.where(ok[:, None], k, tl.zeros_like(k))
+    v = tl.where(ok[:, None], v, tl.zeros_like(v))
+    sc = tl.full(kj.shape, 1.0, tl.float32)
+    v_eff = v
+    if HAS_SCALE:
+        sc = tl.load(KV_SCALE + meta_off + kj, mask=ok, other=0.0).to(tl.float32)
+        v_eff = (v.to(tl.float32) * sc[:, None]).to(v.dtype)
+    return k, v, v_eff, sc, ok, kpos
+
+
+@triton.jit
+def _load_null(NULL, h, H, offs_d, HEAD_DIM: tl.constexpr):
+    """null_k[h], null_v[h] in fp32 from a contiguous [2, H, HEAD_DIM] tensor."""
+    nk = tl.load(NULL + h * HEAD_DIM + offs_d).to(tl.float32)
+    nv = tl.load(NULL + (H + h) * HEAD_DIM + offs_d).to(tl.float32)
+    return nk, nv
+
+
+@triton.jit
+def _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS: tl.constexpr):
+    """(positions of the rows, the largest position of the block's real rows)."""
+    qpos = offs_m
+    qpos_max = n_q * 0
+    if CAUSAL_POS:
+        qpos = tl.load(Q_POS + b * n_q + offs_m, mask=q_ok, other=0)
+        qpos_max = tl.max(tl.where(q_ok, qpos, -4611686018427387904), axis=0)
+    return qpos, qpos_max
+
+
+@triton.jit
+def _ranges_kernel(OUT, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+                   EXACT: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, FOR_KEYS: tl.constexpr):
+    """Test hook: OUT[block] = [lo, hi) of `_kv_range` per query block (FOR_KEYS: of `_q_range`
+    per key block), the bounds the kernels loop over."""
+    pid = tl.program_id(0)
+    if FOR_KEYS:
+        lo, hi = _q_range(pid * BLOCK_N, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_N)
+    else:
+        lo, hi = _kv_range(pid * BLOCK_M, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_M)
+    tl.store(OUT + 2 * pid, lo)
+    tl.store(OUT + 2 * pid + 1, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, NULL, KV_SCALE, KV_MASK, Q_POS, KV_POS, O, LSE,
+    s_qb, s_qi, s_qh, s_kb, s_kr, s_kj, s_kg, s_ob, s_oi, s_oh,
+    n_q, n_kv, H, G, R, qk_scale, w, lb, lf, cq, ckv,
+    HAS_NULL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+    CAUSAL_POS: tl.constexpr, WINDOWED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, q_off, kv_off, meta_off = _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ok = offs_m < n_q
+    q = tl.load(Q + q_off + offs_m[:, None] * s_qi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    qpos, qpos_max = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
+    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_M)
+
+    if HAS_NULL:  # the null key/value is the online softmax's initial state
+        nk, nv = _load_null(NULL, h, H, offs_d, HEAD_DIM)
+        m_i = tl.sum(q.to(tl.float32) * nk[None, :], axis=1) * qk_scale
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32) + nv[None, :]
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, _v, v_eff, _sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
+                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS)
+        s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
+        vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
+                       kpos[None, :], w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_eff.dtype).to(DOT), v_eff.to(DOT), input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    o_ptr = O + b * s_ob + h * s_oh + offs_m[:, None] * s_oi + offs_d[None, :]
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=q_ok)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, NULL, KV_SCALE, KV_MASK, Q_POS, KV_POS, O, DO, LSE, DELTA, DQ, DNULL,
+    s_qb, s_qi, s_qh, s_kb, s_kr, s_kj, s_kg, s_ob, s_oi, s_oh, s_dob, s_doi, s_doh,
+    s_dqb, s_dqi, s_dqh,
+    n_q, n_kv, H, G, R, sm_scale, qk_scale, w, lb, lf, cq, ckv,
+    HAS_NULL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
+    CAUSAL_POS: tl.constexpr, WINDOWED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, q_off, kv_off, meta_off = _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ok = offs_m < n_q
+    row = offs_m[:, None]
+    q = tl.load(Q + q_off + row * s_qi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    do = tl.load(DO + b * s_dob + h * s_doh + row * s_doi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    o = tl.load(O + b * s_ob + h * s_oh + row * s_oi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    stat = pid_bh.to(tl.int64) * n_q + offs_m
+    tl.store(DELTA + stat, delta, mask=q_ok)
+    lse = tl.load(LSE + stat, mask=q_ok, other=float("inf"))
+    qpos, qpos_max = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
+    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_M)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, _v, v_eff, _sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
+                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS)
+        s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
+        vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
+                       kpos[None, :], w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED)
+        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do.to(DOT), tl.trans(v_eff).to(DOT), input_precision=PRECISION)
+        ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+        dq += tl.dot(ds.to(k.dtype).to(DOT), k.to(DOT), input_precision=PRECISION)
+
+    if HAS_NULL:
+        nk, nv = _load_null(NULL, h, H, offs_d, HEAD_DIM)
+        qf = q.to(tl.float32)
+        dof = do.to(tl.float32)
+        p0 = tl.exp2(tl.sum(qf * nk[None, :], axis=1) * qk_scale - lse)
+        p0 = tl.where(q_ok, p0, 0.0)
+        ds0 = p0 * (tl.sum(dof * nv[None, :], axis=1) - delta)
+        dq += ds0[:, None] * nk[None, :]
+        # per-(batch, query block) partial sums, reduced by torch: [b * blocks, 2, H, HEAD_DIM]
+        part = ((b * tl.num_programs(0) + pid_m) * 2 * H + h) * HEAD_DIM + offs_d
+        tl.store(DNULL + part, tl.sum(ds0[:, None] * qf, axis=0) * sm_scale)
+        tl.store(DNULL + part + H * HEAD_DIM, tl.sum(p0[:, None] * dof, axis=0))
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + row * s_dqi + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=q_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, KV_SCALE, KV_MASK, Q_POS, KV_POS, DO, LSE, DELTA, DK, DV, DSCALE,
+    s_qb, s_qi, s_qh, s_kb, s_kr, s_kj, s_kg, s_dob, s_doi, s_doh, s_dkb, s_dkr, s_dkj, s_dkg,
+    n_q, n_kv, H, G, R, sm_scale, qk_scale, w, lb, lf, cq, ckv,
+    HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr,
+    WINDOWED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, EXACT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h, q_off, kv_off, meta_off = _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_in = offs_n < n_kv
+    k, v, v_eff, sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d, s_kj,
+                                             n_kv, 0, n_kv, 4611686018427387904, HAS_SCALE, HAS_MASK, CAUSAL_POS)
+    lo, hi = _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_N)
+
+    # Transposed tiles ([keys, queries]): the dots then need no transposed accumulators.
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)  # gradient of v * kv_scale
+    for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < n_q
+        q = tl.load(Q + q_off + offs_m[:, None] * s_qi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_doi + offs_d[None, :],
+                     mask=q_ok[:, None], other=0.0)
+        stat = pid_bh.to(tl.int64) * n_q + offs_m
+        lse = tl.load(LSE + stat, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
+        qpos, _qmax = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
+        s_t = tl.dot(k.to(DOT), tl.trans(q).to(DOT), input_precision=PRECISION) * qk_scale
+        vis_t = _visible(offs_m[None, :], offs_n[:, None], q_ok[None, :], k_ok[:, None], qpos[None, :],
+                         kpos[:, None], w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED)
+        p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype).to(DOT), do.to(DOT), input_precision=PRECISION)
+        dp_t = tl.dot(v_eff.to(DOT), tl.trans(do).to(DOT), input_precision=PRECISION)
+        ds_t = tl.where(vis_t, p_t * (dp_t - delta[None, :]), 0.0)
+        dk += tl.dot(ds_t.to(q.dtype).to(DOT), q.to(DOT), input_precision=PRECISION)
+
+    if HAS_SCALE:
+        # A key no query saw has dv == 0 exactly; its raw v or scale may be NaN/inf (say, past
+        # every query's position), so select instead of multiplying 0 by it.
+        unseen = dv == 0.0
+        # d kv_scale of this head (summed over the route's heads by torch)
+        dsc = tl.sum(tl.where(unseen, 0.0, dv * v.to(tl.float32)), axis=1)
+        tl.store(DSCALE + pid_bh.to(tl.int64) * n_kv + offs_n, tl.where(k_ok, dsc, 0.0), mask=k_in)
+        dv = tl.where(unseen, 0.0, dv * sc[:, None])
+    dk = tl.where(k_ok[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(k_ok[:, None], dv, 0.0)
+    _, _, _, dkv_off, _ = _head_offsets(pid_bh, H, G, R, n_kv, 0, 0, s_dkb, s_dkr, s_dkg)
+    ptr = dkv_off + offs_n[:, None] * s_dkj + offs_d[None, :]
+    tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=k_in[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+
+
+def _layout(q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Views of the op's inputs: q [b, i, h, dh], k and v [b, r, j, g, dh]. kv None: q is a
+    packed qkv [b, n, 3, h, dh] (one route of all h heads)."""
+    if kv is None:
+        return q.select(2, 0), q.select(2, 1).unsqueeze(1), q.select(2, 2).unsqueeze(1)
+    return q, kv.select(3, 0), kv.select(3, 1)
+
+
+def _configs(dtype: torch.dtype, dh: int) -> tuple[tuple, tuple]:
+    """(fwd (BLOCK_M, BLOCK_N, stages), bwd (BLOCK_M, BLOCK_N, stages), num_warps)."""
+    if dtype == torch.float32:
+        fwd = (FWD_BLOCK_M_FP32, FWD_BLOCK_N, FWD_STAGES_FP32)
+    else:
+        fwd = (FWD_BLOCK_M, FWD_BLOCK_N, FWD_STAGES)
+    bwd = (BWD_BLOCK_M, BWD_BLOCK_N, BWD_STAGES)
+    if "fwd" in _FORCE_BLOCKS:
+        fwd = (*_FORCE_BLOCKS["fwd"], fwd[2])
+    if "bwd" in _FORCE_BLOCKS:
+        bwd = (*_FORCE_BLOCKS["bwd"], bwd[2])
+    return fwd, bwd, (NUM_WARPS_DH128 if dh >= 128 else NUM_WARPS)
+
+
+class _Plan:
+    """Everything the three kernels share, derived once from the op's arguments."""
+
+    def __init__(self, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+                 look_backward, look_forward, causal, exact):
+        self.local = kv is None
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if kv is not None and kv.stride(-1) != 1:
+            kv = kv.contiguous()
+        self.q, self.kv = q, kv
+        self.qv, self.k, self.v = _layout(q, kv)
+        self.b, self.n_q, self.H, self.D = self.qv.shape
+        self.R, self.n_kv, self.G = self.k.shape[1], self.k.shape[2], self.k.shape[3]
+        dummy = q
+        self.null = null_kv.contiguous() if null_kv is not None else dummy
+        self.scale_t = kv_scale.contiguous() if kv_scale is not None else dummy
+        self.mask = kv_mask.contiguous().view(torch.uint8) if kv_mask is not None else dummy
+        self.q_pos = q_pos.contiguous() if q_pos is not None else dummy
+        self.kv_pos = kv_pos.contiguous() if kv_pos is not None else dummy
+        self.sm_scale = float(scale)
+        self.qk_scale = float(scale) * LOG2E
+        if self.local:
+            # Same visibility with every product bounded by ~2n: a window past n is n, and no
+            # more windows can be looked at than there are.
+            n = self.n_q
+            w = min(q_window, n)
+            windows = -(-n // w)
+            self.ints = (w, min(look_backward, windows), min(look_forward, windows), 1, 1)
+        else:
+            self.ints = (1, 0, 0, max(q_window, 1), max(kv_window, 1))
+        self.flags = dict(
+            HAS_SCALE=kv_scale is not None, HAS_MASK=kv_mask is not None,
+            CAUSAL_POS=(not self.local) and q_pos is not None,
+            WINDOWED=(not self.local) and q_window > 0,
+            LOCAL=self.local, CAUSAL=self.local and bool(causal), EXACT=self.local and bool(exact),
+            HEAD_DIM=self.D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT=_dot_dtype(q.dtype),
+        )
+        self.has_null = null_kv is not None
+        self.fwd, self.bwd, self.warps = _configs(q.dtype, self.D)
+
+    def sizes(self) -> tuple:
+        return (self.n_q, self.n_kv, self.H, self.G, self.R)
+
+
+def _empty(shape, like: Tensor, dtype=None) -> Tensor:
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if _POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+                  look_backward, look_forward, causal, exact) -> tuple[Tensor, Tensor]:
+    """-> (o [b, i, h, dh] contiguous in q's dtype, lse [b, h, i] fp32, base 2). No checks."""
+    if off_current_device(q):  # Triton launches on the current device
+        with torch.cuda.device(q.device):
+            return attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window,
+                                 kv_window, look_backward, look_forward, causal, exact)
+    p = _Plan(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+              look_backward, look_forward, causal, exact)
+    o = _empty((p.b, p.n_q, p.H, p.D), q)
+    lse = _empty((p.b, p.H, p.n_q), q, torch.float32)
+    bm, bn, stages = p.fwd
+    _attn_fwd_kernel[(triton.cdiv(p.n_q, bm), p.b * p.H)](
+        p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, lse,
+        *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3],
+        *p.sizes(), p.qk_scale, *p.ints,
+        HAS_NULL=p.has_null, **p.flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=p.warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale, q_window,
+                  kv_window, look_backward, look_forward, causal, exact) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dkv, dnull_kv, dkv_scale); kv None (packed qkv): dq is dqkv and dkv is empty.
+    Absent optional inputs get empty gradients. Two launches plus torch sums of partials."""
+    if off_current_device(q):
+        with torch.cuda.device(q.device):
+            return attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale,
+                                 q_window, kv_window, look_backward, look_forward, causal, exact)
+    p = _Plan(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+              look_backward, look_forward, causal, exact)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    def none() -> Tensor:  # a fresh one each time: a custom op's outputs may not alias
+        return q.new_empty((0,))
+
+    if p.local:
+        dq_full = _empty(p.q.shape, q)  # dq and dk/dv go straight into their slices of one buffer
+        dq, dk, dv = _layout(dq_full, None)
+        dkv = none()
+    else:
+        dq_full = dq = _empty((p.b, p.n_q, p.H, p.D), q)
+        dkv = _empty(p.kv.shape, kv)
+        _, dk, dv = _layout(dq, dkv)
+    bm, bn, stages = p.bwd
+    n_mblocks = triton.cdiv(p.n_q, bm)
+    delta = _empty((p.b, p.H, p.n_q), q, torch.float32)
+    dnull_part = _empty((p.b * n_mblocks, 2, p.H, p.D), q, torch.float32) if p.has_null else q
+    dscale_part = _empty((p.b, p.H, p.n_kv), q, torch.float32) if kv_scale is not None else q
+    common = (*p.sizes(), p.sm_scale, p.qk_scale, *p.ints)
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=p.warps, num_stages=stages)
+    _attn_bwd_dq_kernel[(n_mblocks, p.b * p.H)](
+        p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, do, lse, delta, dq, dnull_part,
+        *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+        *common, HAS_NULL=p.has_null, **p.flags, **meta,
+    )
+    _attn_bwd_dkdv_kernel[(triton.cdiv(p.n_kv, bn), p.b * p.H)](
+        p.qv, p.k, p.v, p.scale_t, p.mask, p.q_pos, p.kv_pos, do, lse, delta, dk, dv, dscale_part,
+        *p.qv.stride()[:3], *p.k.stride()[:4], *do.stride()[:3], *dk.stride()[:4],
+        *common, **p.flags, **meta,
+    )
+    dnull = dnull_part.sum(0).to(null_kv.dtype) if p.has_null else none()
+    dscale = dscale_part.view(p.b, p.R, p.G, p.n_kv).sum(2).to(kv_scale.dtype) if kv_scale is not None else none()
+    return dq_full, dkv, dnull, dscale
+
+
+def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: bool = False,
+                 window: tuple[int, int, int, bool, bool] | None = None,
+                 window_slots: tuple[int, int] | None = None, device: str | torch.device = "cpu") -> Tensor:
+    """int32 [blocks, 2]: the [lo, hi) the kernels compute for each query block (for_keys: the
+    query range of each key block). window = (w, look_backward, look_forward, causal, exact)
+    for the local mode, window_slots = (Cq, Ckv) for the heavy windowed mode. For tests."""
+    blocks = triton.cdiv(n_kv if for_keys else n_q, block_n if for_keys else block_m)
+    out = torch.empty((blocks, 2), dtype=torch.int32, device=device)
+    w, lb, lf, causal, exact = window if window is not None else (1, 0, 0, False, False)
+    cq, ckv = window_slots if window_slots is not None else (1, 1)
+    _ranges_kernel[(blocks,)](
+        out, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL=window is not None, CAUSAL=bool(causal), EXACT=bool(exact),
+        WINDOWED=window_slots is not None, BLOCK_M=block_m, BLOCK_N=block_n, FOR_KEYS=for_keys,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops: the same op eagerly and under torch.compile
+
+_ARGS = ("Tensor? null_kv, Tensor? kv_scale, Tensor? kv_mask, Tensor? q_pos, Tensor? kv_pos, float scale, "
+         "int q_window, int kv_window, int look_backward, int look_forward, bool causal, bool exact")
+
+
+@torch.library.custom_op("colt5::attention_fwd", mutates_args=(),
+                         schema=f"(Tensor q, Tensor? kv, {_ARGS}) -> (Tensor, Tensor)")
+def _fwd_op(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
+            look_forward, causal, exact):
+    return attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+                         look_backward, look_forward, causal, exact)
+
+
+def _fake_out(q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor]:
+    if kv is None:
+        b, n, _, h, dh = q.shape
+    else:
+        b, n, h, dh = q.shape
+    return q.new_empty((b, n, h, dh)), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@_fwd_op.register_fake
+def _(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
+      look_forward, causal, exact):
+    return _fake_out(q, kv)
+
+
+@torch.library.custom_op("colt5::attention_bwd", mutates_args=(),
+                         schema=f"(Tensor do, Tensor q, Tensor? kv, {_ARGS}, Tensor o, Tensor lse) "
+                                "-> (Tensor, Tensor, Tensor, Tensor)")
+def _bwd_op(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
+            look_forward, causal, exact, o, lse):
+    return attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale, q_window,
+                         kv_window, look_backward, look_forward, causal, exact)
+
+
+@_bwd_op.register_fake
+def _(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
+      look_forward, causal, exact, o, lse):
+    def maybe(t: Tensor | None) -> Tensor:
+        return q.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    if kv is None:
+        return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((0,)), maybe(null_kv), maybe(kv_scale)
+    return torch.empty_like(o), maybe(kv), maybe(null_kv), maybe(kv_scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, *scalars = inputs
+    ctx.save_for_backward(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, *output)
+    ctx.scalars = scalars
+    ctx.present = (kv is not None, null_kv is not None, kv_scale is not None)
+
+
+def _backward(ctx, do, _dlse):
+    q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse = ctx.saved_tensors
+    dq, dkv, dnull, dscale = _bwd_op(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, *ctx.scalars, o, lse)
+    has_kv, has_null, has_scale = ctx.present
+    return (dq, dkv if has_kv else None, dnull if has_null else None, dscale if has_scale else None,
+            *([None] * (3 + len(ctx.scalars))))
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks (public boundary)
+
+
+def _is_int(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, numbers.Integral)
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """value as an int >= minimum, else TypeError / ValueError naming it."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def resolve_look(causal: bool, look_backward: int, look_forward: int | None) -> tuple[int, int]:
+    """Checked (look_backward, look_forward); look_forward defaults to 0 if causal else 1."""
+    look_backward = check_int("look_backward", look_backward, 0)
+    if look_forward is None:
+        look_forward = 0 if causal else 1
+    look_forward = check_int("look_forward", look_forward, 0)
+    if causal and look_forward > 0:
+        raise ValueError(f"look_forward must be 0 when causal=True, got {look_forward}")
+    return look_backward, look_forward
+
+
+def _check_scale(scale) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_tensor(name: str, t, shape: tuple | None, what: str, device: torch.device | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+
+
+def _check_backend(backend) -> None:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+
+
+def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
+    """The kernels take this dtype and head dim (fp16/bf16/fp32; a power of two in 16..128)."""
+    return dtype in _KERNEL_DTYPES and 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0
+
+
+def _use_triton(backend: str | None, t: Tensor, head_dim: int, name: str) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        require_triton(t, name)
+        if not triton_supports(t.dtype, head_dim):
+            raise ValueError(
+                f"{name}(backend='triton') needs fp16/bf16/fp32 inputs and a head dim that is a power of two "
+                f"in 16..128, got {t.dtype} and {head_dim}"
+            )
+        return True
+    return t.is_cuda and triton_supports(t.dtype, head_dim)
+
+
+def _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots):
+    _check_tensor("q", q, None, "")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [b, i, h, dh], got shape {tuple(q.shape)}")
+    _check_float("q", q)
+    _check_tensor("kv", kv, None, "")
+    b, i, h, dh = q.shape
+    if kv.dim() != 6 or kv.shape[0] != b or kv.shape[3] != 2 or kv.shape[5] != dh:
+        raise ValueError(f"kv must be [b={b}, r, j, 2, g, dh={dh}], got shape {tuple(kv.shape)}")
+    r, j, g = kv.shape[1], kv.shape[2], kv.shape[4]
+    if r * g != h:
+        raise ValueError(f"kv: routes r={r} times heads per route g={g} must equal q's heads h={h}")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv must have q's dtype {q.dtype}, got {kv.dtype}")
+    if kv.device != q.device:
+        raise ValueError(f"kv is on {kv.device} but q is on {q.device}")
+    if null_kv is not None:
+        _check_tensor("null_kv", null_kv, (2, h, dh), "[2, h, dh]", q.device)
+        _check_float("null_kv", null_kv)
+    if kv_scale is not None:
+        _check_tensor("kv_scale", kv_scale, (b, r, j), "[b, r, j]", q.device)
+        _check_float("kv_scale", kv_scale)
+    if kv_mask is not None:
+        _check_tensor("kv_mask", kv_mask, (b, r, j), "[b, r, j]", q.device)
+        if kv_mask.dtype != torch.bool:
+            raise TypeError(f"kv_mask must be bool (True = may be attended), got {kv_mask.dtype}")
+    if (q_pos is None) != (kv_pos is None):
+        raise ValueError("q_pos and kv_pos must be given together (causal by position) or not at all")
+    if q_pos is not None:
+        _check_tensor("q_pos", q_pos, (b, i), "[b, i]", q.device)
+        _check_tensor("kv_pos", kv_pos, (b, r, j), "[b, r, j]", q.device)
+        for name, t in (("q_pos", q_pos), ("kv_pos", kv_pos)):
+            if t.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")
+    if (q_window_slots is None) != (kv_window_slots is None):
+        raise ValueError("q_window_slots and kv_window_slots must be given together or not at all")
+    if q_window_slots is not None:
+        check_int("q_window_slots", q_window_slots, 1)
+        check_int("kv_window_slots", kv_window_slots, 1)
+        if q_pos is None:
+            raise ValueError("q_window_slots / kv_window_slots need q_pos and kv_pos (they refine causal attention)")
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+
+
+def attention(
+    q: Tensor,
+    kv: Tensor,
+    *,
+    scale: float | None = None,
+    null_kv: Tensor | None = None,
+    kv_scale: Tensor | None = None,
+    kv_mask: Tensor | None = None,
+    q_pos: Tensor | None = None,
+    kv_pos: Tensor | None = None,
+    q_window_slots: int | None = None,
+    kv_window_slots: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Heavy (routed) attention: every query attends to the visible keys of its head's route
+    and, when given, to a learned null key/value that is always visible.
+
+    Args:
+        q: [b, i, h, dh], fp16/bf16/fp32 (fp64 on the reference), any strides.
+        kv: [b, r, j, 2, g, dh], q's dtype, h = r * g: kv[:, r, :, 0] / kv[:, r, :, 1] are the
+            keys / values of heads r*g .. r*g+g-1 (each head its own). Read through strides.
+        scale: softmax scale, default dh ** -0.5.
+        null_kv: [2, h, dh] floating or None: null key and value per head.
+        kv_scale: [b, r, j] floating or None: multiplies each value (gets a gradient).
+        kv_mask: [b, r, j] bool or None, True = may be attended.
+        q_pos [b, i], kv_pos [b, r, j]: int64 (or int32) original positions, together or not at
+            all: causal, key j visible to query i only if kv_pos <= q_pos.
+        q_window_slots, kv_window_slots: with positions, slots are in window order (query slot
+            i in window i // q_window_slots, key slot j in j // kv_window_slots) and keys of a
+            later window are never visible; key blocks past a query block's window are skipped.
+        backend: None (Triton for CUDA tensors whose dtype and dh the kernels take, else the
+            reference), "triton" (also CPU tensors under TRITON_INTERPRET=1) or "reference".
+
+    Returns o [b, i, h, dh] contiguous in q's dtype; a query with nothing visible gets zeros.
+    Differentiable in q, kv (one gradient in kv's layout), null_kv and kv_scale.
+
+    Raises TypeError / ValueError naming the argument; ValueError for backend="triton" with a
+    dtype or head dim the kernels do not take; RuntimeError for backend="triton" on a CPU
+    tensor without the interpreter.
+    """
+    _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots)
+    scale = _check_scale(scale)
+    _check_backend(backend)
+    b, i, h, dh = q.shape
+    scale = dh**-0.5 if scale is None else scale
+    if _use_triton(backend, q, dh, "attention") and b * i * kv.shape[2] > 0:
+        o, _ = _fwd_op(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window_slots or 0,
+                       kv_window_slots or 0, 0, 0, q_pos is not None, False)
+        return o
+    # The reference also covers the empty cases (j = 0 with a null: every query gets null_v).
+    return attention_reference(
+        q, kv, scale=scale, null_kv=null_kv, kv_scale=kv_scale, kv_mask=kv_mask, q_pos=q_pos,
+        kv_pos=kv_pos, q_window_slots=q_window_slots, kv_window_slots=kv_window_slots,
+    )
+
+
+def local_attention_packed(
+    qkv: Tensor,
+    *,
+    window_size: int,
+    causal: bool = False,
+    look_backward: int = 1,
+    look_forward: int | None = None,
+    mask: Tensor | None = None,
+    scale: float | None = None,
+    exact_windowsize: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """Local windowed attention on the packed projection output, with the semantics of
+    `colt5.local_attention.local_attention_reference` (see that module's docstring).
+
+    Args:
+        qkv: [b, n, 3, h, dh]: q = qkv[:, :, 0], k = qkv[:, :, 1], v = qkv[:, :, 2]; fp16/bf16/
+            fp32 (fp64 on the reference); read through strides.
+        window_size >= 1: windows of that many tokens from position 0. look_backward >= 0;
+            look_forward >= 0, default 0 if causal else 1 (must be 0 when causal).
+        causal: key <= query. exact_windowsize: query - key <= w * look_backward (and, not
+            causal, key - query <= w * look_forward).
+        mask: [b, n] bool or None, True = real token; masks KEYS only.
+        scale: default dh ** -0.5. backend: as in `attention`.
+
+    Returns [b, n, h, dh] contiguous in qkv's dtype; queries with no visible key get zeros. Its
+    gradient is one tensor in qkv's layout.
+
+    Raises TypeError / ValueError naming the argument (and as `attention` for the backend).
+    """
+    _check_tensor("qkv", qkv, None, "")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be [b, n, 3, h, dh], got shape {tuple(qkv.shape)}")
+    _check_float("qkv", qkv)
+    b, n, _, h, dh = qkv.shape
+    window_size = check_int("window_size", window_size, 1)
+    causal, exact_windowsize = bool(causal), bool(exact_windowsize)
+    look_backward, look_forward = resolve_look(causal, look_backward, look_forward)
+    if mask is not None:
+        _check_tensor("mask", mask, (b, n), "[b, n]", qkv.device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
+    scale = _check_scale(scale)
+    _check_backend(backend)
+    scale = dh**-0.5 if scale is None else scale
+    if b * n == 0:
+        return qkv.select(2, 0) * 0  # empty, still attached to the graph
+    if _use_triton(backend, qkv, dh, "local_attention_packed"):
+        o, _ = _fwd_op(qkv, None, None, None, mask, None, None, scale, window_size, window_size,
+                       look_backward, look_forward, causal, exact_windowsize)
+        return o
+    return local_attention_packed_reference(
+        qkv, window_size=window_size, causal=causal, look_backward=look_backward,
+        look_forward=look_forward, mask=mask, scale=scale, exact_windowsize=exact_windowsize,
+    )
