@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .flash_attention_reference import attention_reference, local_attention_packed_reference
-from .runtime import INTERPRET, off_current_device, require_triton
+from .runtime import INTERPRET, kernel_op, launch, off_current_device, register_fake, require_triton
 
 __all__ = ["attention", "local_attention_packed", "block_ranges", "check_int", "resolve_look", "triton_supports"]
 
@@ -501,7 +501,7 @@ def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_win
     o = _empty((p.b, p.n_q, p.H, p.D), q)
     lse = _empty((p.b, p.H, p.n_q), q, torch.float32)
     bm, bn, stages = p.fwd
-    _attn_fwd_kernel[(triton.cdiv(p.n_q, bm), p.b * p.H)](
+    launch(_attn_fwd_kernel)[(triton.cdiv(p.n_q, bm), p.b * p.H)](
         p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, lse,
         *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3],
         *p.sizes(), p.qk_scale, *p.ints,
@@ -540,12 +540,12 @@ def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, 
     dscale_part = _empty((p.b, p.H, p.n_kv), q, torch.float32) if kv_scale is not None else q
     common = (*p.sizes(), p.sm_scale, p.qk_scale, *p.ints)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=p.warps, num_stages=stages)
-    _attn_bwd_dq_kernel[(n_mblocks, p.b * p.H)](
+    launch(_attn_bwd_dq_kernel)[(n_mblocks, p.b * p.H)](
         p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, do, lse, delta, dq, dnull_part,
         *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *common, HAS_NULL=p.has_null, **p.flags, **meta,
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(p.n_kv, bn), p.b * p.H)](
+    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(p.n_kv, bn), p.b * p.H)](
         p.qv, p.k, p.v, p.scale_t, p.mask, p.q_pos, p.kv_pos, do, lse, delta, dk, dv, dscale_part,
         *p.qv.stride()[:3], *p.k.stride()[:4], *do.stride()[:3], *dk.stride()[:4],
         *common, **p.flags, **meta,
@@ -575,14 +575,10 @@ def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: b
 # --------------------------------------------------------------------------------------------
 # torch.library ops: the same op eagerly and under torch.compile
 
-_ARGS = ("Tensor? null_kv, Tensor? kv_scale, Tensor? kv_mask, Tensor? q_pos, Tensor? kv_pos, float scale, "
-         "int q_window, int kv_window, int look_backward, int look_forward, bool causal, bool exact")
-
-
-@torch.library.custom_op("colt5::attention_fwd", mutates_args=(),
-                         schema=f"(Tensor q, Tensor? kv, {_ARGS}) -> (Tensor, Tensor)")
-def _fwd_op(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
-            look_forward, causal, exact):
+@kernel_op("colt5::attention_fwd")
+def _fwd_op(q: Tensor, kv: Tensor | None, null_kv: Tensor | None, kv_scale: Tensor | None, kv_mask: Tensor | None,
+            q_pos: Tensor | None, kv_pos: Tensor | None, scale: float, q_window: int, kv_window: int, look_backward: int,
+            look_forward: int, causal: bool, exact: bool) -> tuple[Tensor, Tensor]:
     return attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
                          look_backward, look_forward, causal, exact)
 
@@ -595,22 +591,22 @@ def _fake_out(q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor]:
     return q.new_empty((b, n, h, dh)), q.new_empty((b, h, n), dtype=torch.float32)
 
 
-@_fwd_op.register_fake
+@register_fake(_fwd_op)
 def _(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
       look_forward, causal, exact):
     return _fake_out(q, kv)
 
 
-@torch.library.custom_op("colt5::attention_bwd", mutates_args=(),
-                         schema=f"(Tensor do, Tensor q, Tensor? kv, {_ARGS}, Tensor o, Tensor lse) "
-                                "-> (Tensor, Tensor, Tensor, Tensor)")
-def _bwd_op(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
-            look_forward, causal, exact, o, lse):
+@kernel_op("colt5::attention_bwd")
+def _bwd_op(do: Tensor, q: Tensor, kv: Tensor | None, null_kv: Tensor | None, kv_scale: Tensor | None,
+            kv_mask: Tensor | None, q_pos: Tensor | None, kv_pos: Tensor | None, scale: float, q_window: int,
+            kv_window: int, look_backward: int, look_forward: int, causal: bool, exact: bool, o: Tensor,
+            lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale, q_window,
                          kv_window, look_backward, look_forward, causal, exact)
 
 
-@_bwd_op.register_fake
+@register_fake(_bwd_op)
 def _(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
       look_forward, causal, exact, o, lse):
     def maybe(t: Tensor | None) -> Tensor:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import off_current_device
+from .runtime import kernel_op, launch, off_current_device, register_fake
 
 BLOCK_ROWS = 16  # rows per program (d up to a few thousand stays in registers)
 
@@ -102,7 +102,7 @@ def _launch_shape(rows: int, d: int) -> tuple[tuple[int], int, int]:
     return (triton.cdiv(rows, BLOCK_ROWS),), block_d, num_warps
 
 
-@torch.library.custom_op("colt5::norm_score", mutates_args=())
+@kernel_op("colt5::norm_score")
 def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor, eps: float,
             out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (xn [b, n, d] out_dtype, scores [b, R, n] fp32, mean [b * n], rstd [b * n])."""
@@ -118,19 +118,19 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor, eps: float,
     rstd = torch.empty_like(mean)
     if b * n:
         grid, block_d, warps = _launch_shape(b * n, d)
-        _norm_score_fwd_kernel[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), xn, scores, mean, rstd,
+        launch(_norm_score_fwd_kernel)[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), xn, scores, mean, rstd,
                                      b * n, n, d, eps, R=R, BLOCK_M=BLOCK_ROWS, BLOCK_D=block_d, num_warps=warps)
     return xn, scores, mean, rstd
 
 
-@_fwd_op.register_fake
+@register_fake(_fwd_op)
 def _(x, weight, bias, tokens, eps, out_dtype):
     b, n, d = x.shape
     return (x.new_empty((b, n, d), dtype=out_dtype), x.new_empty((b, tokens.shape[0], n), dtype=torch.float32),
             x.new_empty((b * n,), dtype=torch.float32), x.new_empty((b * n,), dtype=torch.float32))
 
 
-@torch.library.custom_op("colt5::norm_score_bwd", mutates_args=())
+@kernel_op("colt5::norm_score_bwd")
 def _bwd_op(dxn: Tensor | None, dscores: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor,
             mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """-> (dx, [2 + R, d] fp32: the weight's, the bias's and the tokens' gradients)."""
@@ -144,14 +144,14 @@ def _bwd_op(dxn: Tensor | None, dscores: Tensor | None, x: Tensor, weight: Tenso
     grid, block_d, warps = _launch_shape(b * n, d)
     part = torch.empty((grid[0], 2 + R, d), device=x.device, dtype=torch.float32)
     if b * n:
-        _norm_score_bwd_kernel[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), mean, rstd,
+        launch(_norm_score_bwd_kernel)[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), mean, rstd,
                                      x if dxn is None else dxn.contiguous(), x if dscores is None else dscores.contiguous(),
                                      dx, part, b * n, n, d, R=R, HAS_DXN=dxn is not None, HAS_DS=dscores is not None,
                                      BLOCK_M=BLOCK_ROWS, BLOCK_D=block_d, num_warps=warps)
     return dx, (part.sum(0) if b * n else part.new_zeros((2 + R, d)))
 
 
-@_bwd_op.register_fake
+@register_fake(_bwd_op)
 def _(dxn, dscores, x, weight, bias, tokens, mean, rstd):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((2 + tokens.shape[0], x.shape[-1]), dtype=torch.float32)
 

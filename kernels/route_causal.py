@@ -58,7 +58,7 @@ from .soft_topk_kernels import (
     _load_scores,
     _mass,
 )
-from .runtime import off_current_device, require_triton
+from .runtime import kernel_op, launch, off_current_device, register_fake, require_triton
 from .soft_topk import coor_descent_offset
 
 __all__ = [
@@ -287,7 +287,7 @@ def route_causal_fwd(
     block, num_warps = _block_and_warps(W)
     mask_arg = scores if mask is None else mask.contiguous().view(torch.uint8)
     # floats even when given ints: Triton would make an int 1 a constant of the kernel
-    _route_causal_fwd_kernel[(b * r * nw,)](
+    launch(_route_causal_fwd_kernel)[(b * r * nw,)](
         scores, mask_arg, indices, weights, slot_mask.view(torch.uint8), stats, slot_of,
         n, nw, r, W, C, n_iters, math.log(k), float(eps), float(eps_first), float(eps_decay),
         HAS_MASK=mask is not None, STRAIGHT_THROUGH=bool(straight_through), BLOCK_W=block, num_warps=num_warps,
@@ -311,7 +311,7 @@ def route_causal_bwd(
         return ds
     block, num_warps = _block_and_warps(W)
     mask_arg = scores if mask is None else mask.contiguous().view(torch.uint8)
-    _route_causal_bwd_kernel[(b * r * nw,)](
+    launch(_route_causal_bwd_kernel)[(b * r * nw,)](
         grad_weights.contiguous(), scores, mask_arg, stats, slot_of, ds,
         n, nw, r, W, C, n_iters,
         HAS_MASK=mask is not None, BLOCK_W=block, num_warps=num_warps,
@@ -323,24 +323,15 @@ def route_causal_bwd(
 # torch.library ops (opaque to torch.compile: no graph break) and their autograd
 # --------------------------------------------------------------------------------------------
 
-_FWD_SCHEMA = (
-    "(Tensor scores, Tensor? mask, int window_size, int capacity, float k, int n_iters, float eps, "
-    "float eps_first, float eps_decay, bool straight_through) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
-    "(Tensor grad_weights, Tensor scores, Tensor? mask, Tensor stats, Tensor slot_of, int window_size, "
-    "int capacity, int n_iters) -> Tensor"
-)
-
-
-@torch.library.custom_op("colt5::route_causal_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(scores, mask, window_size, capacity, k, n_iters, eps, eps_first, eps_decay, straight_through):
+@kernel_op("colt5::route_causal_fwd")
+def _fwd_op(scores: Tensor, mask: Tensor | None, window_size: int, capacity: int, k: float, n_iters: int, eps: float,
+            eps_first: float, eps_decay: float, straight_through: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (indices, weights, slot_mask, stats, slot_of): the last two for the backward."""
     return route_causal_fwd(scores, mask, window_size, capacity, k, n_iters, eps, eps_first, eps_decay,
                             straight_through)
 
 
-@_fwd_op.register_fake
+@register_fake(_fwd_op)
 def _(scores, mask, window_size, capacity, k, n_iters, eps, eps_first, eps_decay, straight_through):
     b, r, n = scores.shape
     nw = -(-n // window_size)
@@ -351,12 +342,13 @@ def _(scores, mask, window_size, capacity, k, n_iters, eps, eps_first, eps_decay
             scores.new_empty((b * r, nw * window_size), dtype=torch.int32))
 
 
-@torch.library.custom_op("colt5::route_causal_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(grad_weights, scores, mask, stats, slot_of, window_size, capacity, n_iters):
+@kernel_op("colt5::route_causal_bwd")
+def _bwd_op(grad_weights: Tensor, scores: Tensor, mask: Tensor | None, stats: Tensor, slot_of: Tensor, window_size: int,
+            capacity: int, n_iters: int) -> Tensor:
     return route_causal_bwd(grad_weights, scores, mask, stats, slot_of, window_size, capacity, n_iters)
 
 
-@_bwd_op.register_fake
+@register_fake(_bwd_op)
 def _(grad_weights, scores, mask, stats, slot_of, window_size, capacity, n_iters):
     return torch.empty_like(scores, memory_format=torch.contiguous_format)
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .reference import coor_descent_reference
-from .runtime import off_current_device, require_triton
+from .runtime import kernel_op, off_current_device, register_fake, require_triton
 from .select import route_picks_triton, top_k_indices_reference
 from .soft_topk import coor_descent_bwd, coor_descent_fwd, eps_first_of, fake_stats, offset_of
 
@@ -55,14 +55,9 @@ def _picks(s: Tensor, mask: Tensor | None, mask_div: int, k: int, stats: Tensor,
     return indices, torch.where(real & ~picked.isnan(), weights, 0.0), real
 
 
-_FWD_SCHEMA = (
-    "(Tensor s, Tensor? mask, int mask_div, int k, float k_soft, int n_iters, float eps, float eps_first, "
-    "float eps_decay, bool straight_through) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-
-
-@torch.library.custom_op("colt5::route_top_k", mutates_args=(), schema=_FWD_SCHEMA)
-def _route_op(s, mask, mask_div, k, k_soft, n_iters, eps, eps_first, eps_decay, straight_through):
+@kernel_op("colt5::route_top_k")
+def _route_op(s: Tensor, mask: Tensor | None, mask_div: int, k: int, k_soft: float, n_iters: int, eps: float,
+              eps_first: float, eps_decay: float, straight_through: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (indices, weights, real, stats); stats only for the backward."""
     if off_current_device(s):
         with torch.cuda.device(s.device):
@@ -72,16 +67,16 @@ def _route_op(s, mask, mask_div, k, k_soft, n_iters, eps, eps_first, eps_decay, 
     return (*_picks(s, mask, mask_div, k, stats, n_iters, straight_through), stats)
 
 
-@_route_op.register_fake
+@register_fake(_route_op)
 def _(s, mask, mask_div, k, k_soft, n_iters, eps, eps_first, eps_decay, straight_through):
     rows = s.shape[0]
     return (s.new_empty((rows, k), dtype=torch.int64), s.new_empty((rows, k), dtype=torch.float32),
             s.new_empty((rows, k), dtype=torch.bool), fake_stats(s, n_iters))
 
 
-@torch.library.custom_op("colt5::route_top_k_bwd", mutates_args=(),
-                         schema="(Tensor gw, Tensor s, Tensor? mask, int mask_div, Tensor indices, Tensor stats, int n_iters) -> Tensor")
-def _route_bwd_op(gw, s, mask, mask_div, indices, stats, n_iters):
+@kernel_op("colt5::route_top_k_bwd")
+def _route_bwd_op(gw: Tensor, s: Tensor, mask: Tensor | None, mask_div: int, indices: Tensor, stats: Tensor,
+                  n_iters: int) -> Tensor:
     if off_current_device(s):
         with torch.cuda.device(s.device):
             return _route_bwd_op(gw, s, mask, mask_div, indices, stats, n_iters)
@@ -91,7 +86,7 @@ def _route_bwd_op(gw, s, mask, mask_div, indices, stats, n_iters):
     return ds
 
 
-@_route_bwd_op.register_fake
+@register_fake(_route_bwd_op)
 def _(gw, s, mask, mask_div, indices, stats, n_iters):
     return torch.empty_like(s, memory_format=torch.contiguous_format)
 

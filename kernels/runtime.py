@@ -35,3 +35,38 @@ def off_current_device(t: Tensor) -> bool:
     `torch.cuda.device(t.device)`). False while torch.compile traces: compiled code runs under
     inductor's device guard."""
     return t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != torch.cuda.current_device()
+
+
+def kernel_op(name: str):
+    """Decorator: a torch.library op whose body launches Triton kernels through `launch`.
+
+    Compiled Triton (a GPU): `torch.library.triton_op`, which torch.compile traces into, so the
+    compiled graph launches the kernels itself (no Python per call) and fuses the torch ops
+    around them. Under the interpreter: `torch.library.custom_op` (the interpreter's kernels
+    cannot be traced); its fake implementation comes from `register_fake`. Either way eager mode
+    dispatches the same op. The schema comes from the function's annotations.
+    """
+
+    def decorate(fn):
+        if INTERPRET:
+            return torch.library.custom_op(name, mutates_args=())(fn)
+        return torch.library.triton_op(name, mutates_args=())(fn)
+
+    return decorate
+
+
+def register_fake(op):
+    """`@register_fake(op)`: the op's fake implementation under the interpreter (a triton_op
+    derives its own by tracing its body)."""
+
+    def decorate(fn):
+        if INTERPRET:
+            op.register_fake(fn)
+        return fn
+
+    return decorate
+
+
+def launch(kernel):
+    """A Triton kernel to launch inside a `kernel_op`: wrapped so that torch.compile sees it."""
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)

@@ -24,7 +24,7 @@ from torch import Tensor
 from .checks import check_coor_descent_args, eps_schedule
 from .soft_topk_kernels import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
 from .reference import coor_descent_offset_reference, coor_descent_reference
-from .runtime import INTERPRET, off_current_device, require_triton
+from .runtime import INTERPRET, kernel_op, launch, off_current_device, register_fake, require_triton
 
 # Largest chunk a program keeps in registers (fp32 scores): 32768 = 128 per thread at 8 warps.
 MAX_REG_BLOCK = 32768
@@ -141,7 +141,7 @@ def coor_descent_fwd(
                  COOPERATIVE=plan.cooperative, WRITE_Y=write_y, **plan.constexprs())
     steps = [(0, n_iters + 1)] if plan.n_splits == 1 or plan.cooperative else [(t, t + 1) for t in range(n_iters + 1)]
     for begin, end in steps:
-        _coor_descent_fwd_kernel[plan.grid](*args, begin, end, *scalars, **flags, num_warps=plan.num_warps)
+        launch(_coor_descent_fwd_kernel)[plan.grid](*args, begin, end, *scalars, **flags, num_warps=plan.num_warps)
     return y, stats
 
 
@@ -182,7 +182,7 @@ def coor_descent_bwd(
     flags = dict(HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None, HAS_GY=gy is not None,
                  HAS_GA=ga is not None, **plan.constexprs())
     for phase in phases:
-        _coor_descent_bwd_kernel[plan.grid](*args, **flags, PHASE=phase, num_warps=plan.num_warps)
+        launch(_coor_descent_bwd_kernel)[plan.grid](*args, **flags, PHASE=phase, num_warps=plan.num_warps)
     return ds, dk
 
 
@@ -206,49 +206,42 @@ def offset_of(stats: Tensor, n_iters: int, s: Tensor, mask: Tensor | None, mask_
 # torch.library ops (opaque to torch.compile: no graph break) and their autograd
 # --------------------------------------------------------------------------------------------
 
-_FWD_SCHEMA = (
-    "(Tensor s, Tensor? mask, Tensor? k_rows, float k, int n_iters, float eps, float eps_first, "
-    "float eps_decay) -> (Tensor, Tensor)"
-)
-_BWD_SCHEMA = (
-    "(Tensor? gy, Tensor s, Tensor? mask, Tensor? k_rows, Tensor stats, Tensor? ga, int n_iters) "
-    "-> (Tensor, Tensor)"
-)
-
-
 def fake_stats(s: Tensor, n_iters: int) -> Tensor:
     return s.new_empty((s.shape[0], _N_STATS, n_iters + 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("colt5::coor_descent_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+@kernel_op("colt5::coor_descent_fwd")
+def _fwd_op(s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int, eps: float,
+            eps_first: float, eps_decay: float) -> tuple[Tensor, Tensor]:
     return coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay)
 
 
-@_fwd_op.register_fake
+@register_fake(_fwd_op)
 def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
     return torch.empty_like(s, memory_format=torch.contiguous_format), fake_stats(s, n_iters)
 
 
-@torch.library.custom_op("colt5::coor_descent_offset_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _offset_fwd_op(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
+@kernel_op("colt5::coor_descent_offset_fwd")
+def _offset_fwd_op(s: Tensor, mask: Tensor | None, k_rows: Tensor | None, k: float, n_iters: int, eps: float,
+                   eps_first: float, eps_decay: float) -> tuple[Tensor, Tensor]:
     """-> (a_T [rows] fp32, stats): the forward without y."""
     _, stats = coor_descent_fwd(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay, write_y=False)
     return offset_of(stats, n_iters, s, mask), stats
 
 
-@_offset_fwd_op.register_fake
+@register_fake(_offset_fwd_op)
 def _(s, mask, k_rows, k, n_iters, eps, eps_first, eps_decay):
     return s.new_empty((s.shape[0],), dtype=torch.float32), fake_stats(s, n_iters)
 
 
-@torch.library.custom_op("colt5::coor_descent_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _bwd_op(gy, s, mask, k_rows, stats, ga, n_iters):
+@kernel_op("colt5::coor_descent_bwd")
+def _bwd_op(gy: Tensor | None, s: Tensor, mask: Tensor | None, k_rows: Tensor | None, stats: Tensor,
+            ga: Tensor | None, n_iters: int) -> tuple[Tensor, Tensor]:
     ds, dk = coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters, ga)
     return ds, (dk if dk is not None else s.new_empty((0,), dtype=torch.float32))
 
 
-@_bwd_op.register_fake
+@register_fake(_bwd_op)
 def _(gy, s, mask, k_rows, stats, ga, n_iters):
     dk = s.new_empty((s.shape[0] if k_rows is not None else 0,), dtype=torch.float32)
     return torch.empty_like(s, memory_format=torch.contiguous_format), dk
