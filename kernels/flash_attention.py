@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .flash_attention_reference import attention_reference, local_attention_packed_reference
-from .runtime import INTERPRET, kernel_op, launch, off_current_device, register_fake, require_triton
+from .runtime import INTERPRET, kernel_op, off_current_device, register_fake, require_triton
 
 __all__ = ["attention", "local_attention_packed", "block_ranges", "check_int", "resolve_look", "triton_supports"]
 
@@ -501,7 +501,7 @@ def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_win
     o = _empty((p.b, p.n_q, p.H, p.D), q)
     lse = _empty((p.b, p.H, p.n_q), q, torch.float32)
     bm, bn, stages = p.fwd
-    launch(_attn_fwd_kernel)[(triton.cdiv(p.n_q, bm), p.b * p.H)](
+    _attn_fwd_kernel[(triton.cdiv(p.n_q, bm), p.b * p.H)](
         p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, lse,
         *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3],
         *p.sizes(), p.qk_scale, *p.ints,
@@ -540,12 +540,12 @@ def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, 
     dscale_part = _empty((p.b, p.H, p.n_kv), q, torch.float32) if kv_scale is not None else q
     common = (*p.sizes(), p.sm_scale, p.qk_scale, *p.ints)
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=p.warps, num_stages=stages)
-    launch(_attn_bwd_dq_kernel)[(n_mblocks, p.b * p.H)](
+    _attn_bwd_dq_kernel[(n_mblocks, p.b * p.H)](
         p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, do, lse, delta, dq, dnull_part,
         *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         *common, HAS_NULL=p.has_null, **p.flags, **meta,
     )
-    launch(_attn_bwd_dkdv_kernel)[(triton.cdiv(p.n_kv, bn), p.b * p.H)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(p.n_kv, bn), p.b * p.H)](
         p.qv, p.k, p.v, p.scale_t, p.mask, p.q_pos, p.kv_pos, do, lse, delta, dk, dv, dscale_part,
         *p.qv.stride()[:3], *p.k.stride()[:4], *do.stride()[:3], *dk.stride()[:4],
         *common, **p.flags, **meta,

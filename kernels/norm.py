@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import kernel_op, launch, off_current_device, register_fake
+from .runtime import kernel_op, off_current_device, register_fake
 
 BLOCK_ROWS = 16  # rows per program (d up to a few thousand stays in registers)
 
@@ -118,7 +118,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor, eps: float,
     rstd = torch.empty_like(mean)
     if b * n:
         grid, block_d, warps = _launch_shape(b * n, d)
-        launch(_norm_score_fwd_kernel)[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), xn, scores, mean, rstd,
+        _norm_score_fwd_kernel[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), xn, scores, mean, rstd,
                                      b * n, n, d, eps, R=R, BLOCK_M=BLOCK_ROWS, BLOCK_D=block_d, num_warps=warps)
     return xn, scores, mean, rstd
 
@@ -144,7 +144,7 @@ def _bwd_op(dxn: Tensor | None, dscores: Tensor | None, x: Tensor, weight: Tenso
     grid, block_d, warps = _launch_shape(b * n, d)
     part = torch.empty((grid[0], 2 + R, d), device=x.device, dtype=torch.float32)
     if b * n:
-        launch(_norm_score_bwd_kernel)[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), mean, rstd,
+        _norm_score_bwd_kernel[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), mean, rstd,
                                      x if dxn is None else dxn.contiguous(), x if dscores is None else dscores.contiguous(),
                                      dx, part, b * n, n, d, R=R, HAS_DXN=dxn is not None, HAS_DS=dscores is not None,
                                      BLOCK_M=BLOCK_ROWS, BLOCK_D=block_d, num_warps=warps)

@@ -58,7 +58,7 @@ from .soft_topk_kernels import (
     _load_scores,
     _mass,
 )
-from .runtime import kernel_op, launch, off_current_device, register_fake, require_triton
+from .runtime import kernel_op, off_current_device, register_fake, require_triton
 from .soft_topk import coor_descent_offset
 
 __all__ = [
@@ -287,7 +287,7 @@ def route_causal_fwd(
     block, num_warps = _block_and_warps(W)
     mask_arg = scores if mask is None else mask.contiguous().view(torch.uint8)
     # floats even when given ints: Triton would make an int 1 a constant of the kernel
-    launch(_route_causal_fwd_kernel)[(b * r * nw,)](
+    _route_causal_fwd_kernel[(b * r * nw,)](
         scores, mask_arg, indices, weights, slot_mask.view(torch.uint8), stats, slot_of,
         n, nw, r, W, C, n_iters, math.log(k), float(eps), float(eps_first), float(eps_decay),
         HAS_MASK=mask is not None, STRAIGHT_THROUGH=bool(straight_through), BLOCK_W=block, num_warps=num_warps,
@@ -311,7 +311,7 @@ def route_causal_bwd(
         return ds
     block, num_warps = _block_and_warps(W)
     mask_arg = scores if mask is None else mask.contiguous().view(torch.uint8)
-    launch(_route_causal_bwd_kernel)[(b * r * nw,)](
+    _route_causal_bwd_kernel[(b * r * nw,)](
         grad_weights.contiguous(), scores, mask_arg, stats, slot_of, ds,
         n, nw, r, W, C, n_iters,
         HAS_MASK=mask is not None, BLOCK_W=block, num_warps=num_warps,

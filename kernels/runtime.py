@@ -37,36 +37,59 @@ def off_current_device(t: Tensor) -> bool:
     return t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != torch.cuda.current_device()
 
 
-def kernel_op(name: str):
-    """Decorator: a torch.library op whose body launches Triton kernels through `launch`.
+class KernelOp:
+    """An op backed by Triton kernels, one implementation for every mode.
 
-    Compiled Triton (a GPU): `torch.library.triton_op`, which torch.compile traces into, so the
-    compiled graph launches the kernels itself (no Python per call) and fuses the torch ops
-    around them. Under the interpreter: `torch.library.custom_op` (the interpreter's kernels
-    cannot be traced); its fake implementation comes from `register_fake`. Either way eager mode
-    dispatches the same op. The schema comes from the function's annotations.
+    `kernel_op("colt5::name")(impl)` registers impl as a torch.library custom op: what
+    torch.compile keeps whole (no graph break) and CUDA graphs capture. Eager calls run the same
+    impl behind a plain autograd.Function with the op's autograd formula, or bare when nothing
+    needs a gradient: torch's custom-op dispatch costs ~250 us of host time per call on the
+    H200 hosts we measured (`benchmarks/host_overhead.py`), a Function ~35 us. The schema comes
+    from impl's annotations.
     """
 
-    def decorate(fn):
-        if INTERPRET:
-            return torch.library.custom_op(name, mutates_args=())(fn)
-        return torch.library.triton_op(name, mutates_args=())(fn)
+    def __init__(self, name: str, impl) -> None:
+        self.impl = impl
+        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self.function = None
 
-    return decorate
-
-
-def register_fake(op):
-    """`@register_fake(op)`: the op's fake implementation under the interpreter (a triton_op
-    derives its own by tracing its body)."""
-
-    def decorate(fn):
-        if INTERPRET:
-            op.register_fake(fn)
+    def register_fake(self, fn):
+        self.op.register_fake(fn)
         return fn
 
-    return decorate
+    def register_autograd(self, backward, *, setup_context) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *inputs):
+                output = impl(*inputs)
+                setup_context(ctx, inputs, output)
+                return output
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+        Function.__name__ = Function.__qualname__ = f"{impl.__name__}_function"
+        self.function = Function
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        if self.function is not None and torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args
+        ):
+            return self.function.apply(*args)
+        return self.impl(*args)
 
 
-def launch(kernel):
-    """A Triton kernel to launch inside a `kernel_op`: wrapped so that torch.compile sees it."""
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+def kernel_op(name: str):
+    """Decorator: `KernelOp(name, fn)`."""
+    return lambda fn: KernelOp(name, fn)
+
+
+def register_fake(op: KernelOp):
+    """`@register_fake(op)`: the op's fake implementation (shapes and dtypes only)."""
+    return op.register_fake

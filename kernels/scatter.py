@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .runtime import kernel_op, launch, off_current_device, register_fake
+from .runtime import kernel_op, off_current_device, register_fake
 
 BLOCK_ROWS = 16  # rows per program; a row of d <= 1024 stays in one block of BLOCK_D
 
@@ -114,11 +114,11 @@ def _scatter_op(base: Tensor, light: Tensor | None, routed: Tensor, indices: Ten
     grid, block_d = _grid_and_block(b * n, d)
     light_arg = base if light is None else light.contiguous()
     null_arg = base if null is None else null.contiguous()
-    launch(_dense_kernel)[grid](base.contiguous(), light_arg, null_arg, out, b * n, d, HAS_LIGHT=light is not None,
+    _dense_kernel[grid](base.contiguous(), light_arg, null_arg, out, b * n, d, HAS_LIGHT=light is not None,
                         HAS_NULL=null is not None, BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d)
     if b * k:
         grid, _ = _grid_and_block(b * k, d)
-        launch(_sparse_kernel)[grid](out, routed.contiguous(), indices.contiguous(), base if weights is None else weights.contiguous(),
+        _sparse_kernel[grid](out, routed.contiguous(), indices.contiguous(), base if weights is None else weights.contiguous(),
                              base if real is None else real.contiguous().view(torch.uint8), null_arg, b * k, k, n, d,
                              **_flags(weights, real, null), BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d)
     return out
@@ -145,7 +145,7 @@ def _scatter_bwd_op(g: Tensor, routed: Tensor, indices: Tensor, weights: Tensor 
     grid, block_d = _grid_and_block(b * k, d)
     partial = g.new_empty((grid[0], d) if has_null else (0,), dtype=torch.float32)
     if b * k:
-        launch(_sparse_bwd_kernel)[grid](g, routed.contiguous(), indices.contiguous(), g if weights is None else weights.contiguous(),
+        _sparse_bwd_kernel[grid](g, routed.contiguous(), indices.contiguous(), g if weights is None else weights.contiguous(),
                                  g if real is None else real.contiguous().view(torch.uint8), d_routed, d_w, partial,
                                  b * k, k, n, d, HAS_W=weights is not None, HAS_REAL=real is not None, HAS_NULL=has_null,
                                  BLOCK_R=BLOCK_ROWS, BLOCK_D=block_d)

@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_mask, check_scores
-from .runtime import INTERPRET, kernel_op, launch, off_current_device, register_fake
+from .runtime import INTERPRET, kernel_op, off_current_device, register_fake
 
 # Largest row a program keeps in registers (uint32 keys); longer rows are streamed per pass.
 MAX_REG_BLOCK = 32768
@@ -148,7 +148,7 @@ def _launch_select(s: Tensor, mask: Tensor | None, k: int, out: Tensor, *, mask_
     num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
     pick_weights = weights is not None
-    launch(_top_k_indices_kernel)[(rows,)](
+    _top_k_indices_kernel[(rows,)](
         s, mask_arg, out, weights if pick_weights else out, real if real is not None else out,
         stats if stats is not None else s, n, k, mask_div, 1 if stats is None else stats.shape[-1],
         HAS_MASK=mask is not None, BLOCK_N=block_n, IN_REGS=block_n >= n,

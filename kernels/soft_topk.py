@@ -24,7 +24,7 @@ from torch import Tensor
 from .checks import check_coor_descent_args, eps_schedule
 from .soft_topk_kernels import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
 from .reference import coor_descent_offset_reference, coor_descent_reference
-from .runtime import INTERPRET, kernel_op, launch, off_current_device, register_fake, require_triton
+from .runtime import INTERPRET, kernel_op, off_current_device, register_fake, require_triton
 
 # Largest chunk a program keeps in registers (fp32 scores): 32768 = 128 per thread at 8 warps.
 MAX_REG_BLOCK = 32768
@@ -141,7 +141,7 @@ def coor_descent_fwd(
                  COOPERATIVE=plan.cooperative, WRITE_Y=write_y, **plan.constexprs())
     steps = [(0, n_iters + 1)] if plan.n_splits == 1 or plan.cooperative else [(t, t + 1) for t in range(n_iters + 1)]
     for begin, end in steps:
-        launch(_coor_descent_fwd_kernel)[plan.grid](*args, begin, end, *scalars, **flags, num_warps=plan.num_warps)
+        _coor_descent_fwd_kernel[plan.grid](*args, begin, end, *scalars, **flags, num_warps=plan.num_warps)
     return y, stats
 
 
@@ -182,7 +182,7 @@ def coor_descent_bwd(
     flags = dict(HAS_MASK=mask is not None, K_PER_ROW=k_rows is not None, HAS_GY=gy is not None,
                  HAS_GA=ga is not None, **plan.constexprs())
     for phase in phases:
-        launch(_coor_descent_bwd_kernel)[plan.grid](*args, **flags, PHASE=phase, num_warps=plan.num_warps)
+        _coor_descent_bwd_kernel[plan.grid](*args, **flags, PHASE=phase, num_warps=plan.num_warps)
     return ds, dk
 
 

@@ -309,7 +309,7 @@ def test_compile_fullgraph():
 def test_library_op_registration():
     scores, mask = _inputs(1, 2, 20, density=0.8)
     args = (scores.requires_grad_(), mask, 8, 3, 4.5, 3, 0.2, 2.0, 0.7, False)
-    torch.library.opcheck(rc._fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(rc._fwd_op.op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 BAD = [

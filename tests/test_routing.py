@@ -136,3 +136,19 @@ def test_gpu_matches_reference(n):
     (ds,) = torch.autograd.grad((w * g.float()).sum(), s)
     (ds_ref,) = torch.autograd.grad((w_ref * g).sum(), s_ref)
     assert_close(ds, ds_ref, 1e-3, "ds")
+
+
+def test_eager_function_and_library_op_agree():
+    """KernelOp: eager calls go through an autograd.Function, torch.compile through the library
+    op; both run the same implementation and the same autograd formula."""
+    s = torch.randn(4, 30, requires_grad=True)
+    mask = torch.rand(2, 30) > 0.3
+    args = (s, mask, 2, 5, 6.0, 4, 0.1, 1.0, 0.7, False)
+    eager = routing._route_op(*args)
+    library = routing._route_op.op(*args)
+    assert type(eager[1].grad_fn).__name__ == "FunctionBackward"  # the eager autograd.Function
+    assert all(torch.equal(a, b) for a, b in zip(eager, library))
+    g = torch.randn(4, 5)
+    assert torch.equal(torch.autograd.grad(eager[1], s, g)[0], torch.autograd.grad(library[1], s, g)[0])
+    with torch.no_grad():
+        assert routing._route_op(*args)[1].grad_fn is None
