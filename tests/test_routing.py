@@ -147,7 +147,7 @@ def test_eager_function_and_library_op_agree():
     eager = routing._route_op(*args)
     library = routing._route_op.op(*args)
     assert type(eager[1].grad_fn).__name__ == "FunctionBackward"  # the eager autograd.Function
-    assert all(torch.equal(a, b) for a, b in zip(eager, library))
+    assert all(torch.equal(a, b) for a, b in zip(eager[:3], library[:3]))  # picks, weights, real
     g = torch.randn(4, 5)
     assert torch.equal(torch.autograd.grad(eager[1], s, g)[0], torch.autograd.grad(library[1], s, g)[0])
     with torch.no_grad():
