@@ -118,7 +118,7 @@ def measure(make, n: int, mode: str, counts: bool) -> dict | None:
             step()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-        ms = do_bench(step, warmup=50, rep=400, grad_to_none=params, return_mode="median")
+        ms = do_bench(step, warmup=50, rep=250, grad_to_none=params, return_mode="median")
         row = {"ms": ms, "peak": peak}
         if counts:
             row["kernels"], row["busy"], row["top"] = kernel_stats(step)
