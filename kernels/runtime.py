@@ -37,6 +37,9 @@ def off_current_device(t: Tensor) -> bool:
     return t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != torch.cuda.current_device()
 
 
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
 class KernelOp:
     """An op backed by Triton kernels, one implementation for every mode.
 
@@ -76,11 +79,12 @@ class KernelOp:
         self.function = Function
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        # Traced (dynamo, or AOTAutograd tracing a backward formula: fake and functional
+        # tensors are Tensor subclasses): the library op.
+        if torch.compiler.is_compiling() or any(type(t) not in _PLAIN_TENSORS for t in tensors):
             return self.op(*args)
-        if self.function is not None and torch.is_grad_enabled() and any(
-            isinstance(a, Tensor) and a.requires_grad for a in args
-        ):
+        if self.function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self.function.apply(*args)
         return self.impl(*args)
 

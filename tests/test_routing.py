@@ -152,3 +152,21 @@ def test_eager_function_and_library_op_agree():
     assert torch.equal(torch.autograd.grad(eager[1], s, g)[0], torch.autograd.grad(library[1], s, g)[0])
     with torch.no_grad():
         assert routing._route_op(*args)[1].grad_fn is None
+
+
+def test_aot_compiled_forward_and_backward_match_eager():
+    """AOTAutograd traces the op and its backward formula (fake tensors reach the backward's
+    op, which must dispatch to the library op, not launch kernels)."""
+    s = torch.randn(4, 30, requires_grad=True)
+    mask = torch.rand(2, 30) > 0.3
+
+    def fn(x):
+        picks = route_top_k(x.view(2, 2, 30), num_tokens=5, k_soft=6.0, mask=mask, straight_through=False,
+                            backend="triton", **SCHEDULE)
+        return (picks.weights * torch.arange(5.0)).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)  # inductor: the backward is compiled at the first backward
+    (g_compiled,) = torch.autograd.grad(compiled(s), s)
+    (g_eager,) = torch.autograd.grad(fn(s), s)
+    assert torch.allclose(g_compiled, g_eager)
