@@ -1,6 +1,6 @@
 """Routed cross attention over a million memories, on one GPU.
 
-    python benchmarks/cross_attention.py                    # the table below, defaults of issue 4
+    python benchmarks/cross_attention.py                    # the table below
     python benchmarks/cross_attention.py --memories 262144  # a smaller context
     python benchmarks/cross_attention.py --device cpu --memories 4096 --queries 64 --reps 2  # smoke
 

@@ -5,7 +5,7 @@ Shapes: s and mask are [rows, n] inside (the public function flattens [..., n]);
 
 Routers pick their k tokens per row with this instead of `torch.topk`: on an H100 topk of one
 row took ~50 us at n = 8192 (a single-block radix select) plus ~20 us to sort its output, and
-a router needs neither the values nor an order (benchmarks/RESULTS.md, third session).
+a router needs neither the values nor an order.
 
 Each score becomes a uint32 key whose unsigned order is the float order (-0.0 reads as +0.0;
 NaN, masked and -inf positions share the lowest valid key). The k-th largest key T is found

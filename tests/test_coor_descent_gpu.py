@@ -2,7 +2,7 @@
 
 Run after every kernel edit (`COLT5_GPU_TESTS=1 python -m pytest -q -m gpu`): interpreter parity
 is necessary, not sufficient. A select on the forward's last iteration once passed every CPU
-test and gave wrong y on one-program rows on an H100 (benchmarks/NOTES-coor_descent.md).
+test and gave wrong y on one-program rows on an H100.
 """
 
 import importlib

@@ -60,3 +60,43 @@ def test_fp32_scores_compiled_matches_eager():
     g = torch.randn_like(eager)
     for a, c in zip(torch.autograd.grad(compiled, (x, rt), g), torch.autograd.grad(eager, (x, rt), g)):
         assert_close(a.float(), c.float(), 1e-2, "compiled grads")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_eager_autocast_linear_matches_autocast(bias):
+    """colt5.precision.Linear: the casts and matmul of nn.Linear under autocast, as one autograd
+    node: bitwise autocast's output and gradients; without autocast it is nn.Linear."""
+    from colt5.precision import Linear
+
+    lin, ref = Linear(16, 24, bias=bias), torch.nn.Linear(16, 24, bias=bias)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, yr = lin(x), ref(xr)
+    assert y.dtype == yr.dtype == torch.bfloat16 and torch.equal(y, yr)
+    assert type(y.grad_fn).__name__ == "_AutocastLinearBackward"
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    assert torch.equal(x.grad, xr.grad) and x.grad.dtype == torch.float32
+    for p, q in zip(lin.parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, q.grad)
+    assert torch.equal(lin(x), ref(x))  # no autocast: nn.Linear itself
+
+
+def test_eager_autocast_gelu_mlp_matches_autocast():
+    from colt5.precision import gelu_mlp
+
+    l1, l2 = torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)
+    x = torch.randn(7, 16, dtype=torch.bfloat16, requires_grad=True)
+    params = [l1.weight, l1.bias, l2.weight, l2.bias]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = gelu_mlp(x, *params)
+        yr = l2(torch.nn.functional.gelu(l1(x)))
+    assert torch.equal(y, yr)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *params], g)
+    want = torch.autograd.grad(yr, [x, *params], g)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
