@@ -6,14 +6,16 @@
     python examples/train_enwik8.py --dense --out runs/dense        # same size, dense baseline
     python examples/train_enwik8.py --out runs/colt5 --resume       # continue a stopped run
     torchrun --nproc_per_node=2 examples/train_enwik8.py ...         # DDP (NCCL on CUDA, gloo on CPU)
+    torchrun --nproc_per_node=8 examples/train_enwik8.py --fsdp ...  # FSDP2: each block sharded
 
 Without --data the corpus is the `.py` source of this install: Python's standard library and
 torch, triton, einops, numpy, ... (colt5.data, about 120 MB). Validation is reported in bits per
 byte (bpc). Defaults depend on the device: a small model on CPU, a real size (seq-len 4096) on
 CUDA; any flag overrides them. With --out DIR the run writes DIR/metrics.jsonl,
 DIR/checkpoint.pt, DIR/loss_curve.png (if matplotlib is installed) and DIR/summary.json; the last
-line printed starts with SUMMARY and carries tokens/s, the final validation bpc, peak CUDA memory
-and wall time.
+line printed starts with SUMMARY and carries tokens/s (of the training steps after the first
+--log-every: compilation and warm-up excluded), the final validation bpc, peak CUDA memory and
+wall time. --profile N prints rank 0's top ops over N steps and writes a trace.
 
 A run is never lost or overwritten by accident. A DIR holding another run is refused unless
 --resume (continue it) or --overwrite (start again) is given. Checkpoints are written atomically
@@ -28,6 +30,17 @@ the problem and the fix, exit code 2, with nothing written.
 
 Only rank 0 prints and writes. The sampler draws the global batch per step from (seed, step) and
 each rank keeps its slice, so resuming restores the data position exactly.
+
+Several processes (torchrun) replicate the model with DDP, or with --fsdp shard it (FSDP2:
+`fully_shard` on each block, then on the rest), for models that one GPU cannot hold; --fsdp in a
+single process is refused (exit 2). With --grad-accum N the gradients are reduced once per step,
+on the last micro-batch. The checkpoint holds the full (unsharded) model and optimizer state,
+gathered on rank 0, so one file resumes in one process, under DDP or under FSDP, on any number of
+processes that divides its global batch (processes x --batch-size, which a resumed run keeps).
+--compile compiles each block on its own (regional compilation, which composes with DDP and
+FSDP2); --cuda-graphs also captures them in CUDA graphs. A rank that fails prints its error with
+its rank and exits at once (code 1) without waiting for the others, which stop when their next
+collective fails, when torchrun stops them, or after --dist-timeout seconds.
 """
 
 from __future__ import annotations
@@ -41,9 +54,13 @@ import signal
 import sys
 import threading
 import time
+import traceback
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -72,8 +89,10 @@ FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "
 EVAL_SEED = 12345  # the same validation windows at every evaluation, on every run
 LOG2 = math.log(2.0)
 CHECKPOINT, METRICS, SUMMARY, PLOT = "checkpoint.pt", "metrics.jsonl", "summary.json", "loss_curve.png"
+PROFILE = "profile_rank0.json"  # --profile's chrome trace (chrome://tracing, ui.perfetto.dev)
+PROFILE_SKIP = 3  # steps before the profiled ones: compilation, first allocations, DDP's bucket rebuild
 RUN_FILES = (CHECKPOINT, METRICS, SUMMARY, PLOT)
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "sampler", "rng", "step", "args")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "sampler", "rng", "step", "args")  # and world_size (optional)
 
 
 class RunError(SystemExit):
@@ -141,7 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, default=10, help="refresh the progress bar / flush metrics every N steps")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="compile each block on its own (torch.compile backend, default inductor; aot_eager to rule inductor out)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA: compile each block with mode=reduce-overhead (CUDA graphs; the host cost per op goes)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP; needs torchrun")
+    p.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+                   help="how long a collective waits for the other ranks before the job stops (600)")
+    p.add_argument("--profile", type=_positive_int, default=None, metavar="STEPS",
+                   help=f"rank 0: profile STEPS training steps after {PROFILE_SKIP + 1} (torch.profiler); prints the "
+                        f"top ops, writes DIR/{PROFILE}; those steps' tokens/s are not a measurement")
     p.add_argument("--out", default=None, help="directory for metrics.jsonl, checkpoint.pt, loss_curve.png, summary.json")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --out)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds another run, replacing its files")
@@ -160,14 +189,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise RunError("--overwrite needs --out DIR (the run directory to start afresh)")
     if args.resume and args.overwrite:
         raise RunError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    if args.compile is not None and args.compile not in torch.compiler.list_backends(exclude_tags=()):
+        raise RunError(f"--compile {args.compile}: not a torch.compile backend; use inductor (the default) or aot_eager")
+    if args.cuda_graphs:
+        if args.compile not in (None, "inductor"):
+            raise RunError(f"--cuda-graphs compiles with inductor; leave out --compile {args.compile}")
+        if args.fsdp:
+            # FSDP2 frees and re-gathers each block's parameters every step, at new addresses:
+            # graphs would re-record (or read freed memory) instead of replaying.
+            raise RunError("--cuda-graphs does not work with --fsdp (the gathered parameters move every step); "
+                           "use --compile with --fsdp, or --cuda-graphs with DDP")
+        args.compile = "inductor"
     if args.data is not None:
         args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
     return args
 
 
-def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | None) -> argparse.Namespace:
-    """Unset flags take the checkpoint's value when resuming, else the device default."""
+def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | None, *, world: int = 1,
+                  saved_world: int = 1) -> argparse.Namespace:
+    """Unset flags take the checkpoint's value when resuming, else the device default.
+
+    A resumed run keeps the checkpoint's global batch (saved_world processes x its --batch-size),
+    so on `world` processes its --batch-size is global / world: the same windows every step.
+    """
     if saved is not None:
+        saved = {**saved, "batch_size": resumed_batch_size(args.batch_size, saved["batch_size"], saved_world, world)}
         for key in FIXED_ON_RESUME:
             given = getattr(args, key)
             if given is None or given == saved[key]:
@@ -192,6 +238,19 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
     if args.warmup is None:
         args.warmup = min(200, args.steps // 20)
     return args
+
+
+def resumed_batch_size(given: int | None, saved: int, saved_world: int, world: int) -> int:
+    """The per-process batch that keeps a checkpoint's global batch on `world` processes."""
+    total = saved * saved_world
+    saved_text = f"{total} sequences ({saved_world} process{'es' if saved_world > 1 else ''} x --batch-size {saved})"
+    if given is not None and given * world != total:
+        raise RunError(f"--batch-size {given} on {world} process(es) is a global batch of {given * world}; the checkpoint's "
+                       f"is {saved_text} and a resumed run keeps it (leave --batch-size out)")
+    if total % world:
+        raise RunError(f"the checkpoint's global batch of {saved_text} does not split over {world} processes; "
+                       "resume on a number of processes that divides it")
+    return total // world
 
 
 def model_config(args: argparse.Namespace) -> dict:
@@ -244,11 +303,28 @@ def resolve_device(device_arg: str | None, world: int, local_rank: int) -> torch
     return device
 
 
-def init_distributed(device: torch.device, world: int) -> None:
+def check_parallel_flags(args: argparse.Namespace, world: int, device: torch.device) -> None:
+    """The flags that need several processes or a GPU, refused where they cannot work."""
+    if args.fsdp and world == 1:
+        raise RunError("--fsdp shards the model over several processes: start it with torchrun --nproc_per_node=N "
+                       "(N > 1), or leave --fsdp out")
+    if args.cuda_graphs and device.type != "cuda":
+        raise RunError(f"--cuda-graphs needs a CUDA device (this run is on {device}); leave it out or use --compile")
+
+
+def init_distributed(device: torch.device, world: int, timeout_s: float) -> bool:
+    """Join torchrun's process group; True if this call created it (a caller may have already).
+
+    The timeout bounds every collective: a rank whose peers are gone (a crash NCCL cannot see)
+    stops after timeout_s instead of waiting for ever (gloo raises, NCCL's watchdog aborts).
+    """
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world == 1 or dist.is_initialized():
+        return False
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return True
 
 
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -285,7 +361,8 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
 def load_checkpoint(path: Path) -> dict:
     """The checkpoint at path, checked to be one of this script's; RunError otherwise."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: every rank reads the file, and the pages are shared instead of one copy per process.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated, corrupt, or not a torch file: torch raises many types
         raise RunError(f"{path} is not a readable checkpoint ({_first_line(e)}); it may be truncated or another "
                        "program's: start again with --overwrite or choose another --out") from None
@@ -293,6 +370,8 @@ def load_checkpoint(path: Path) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if isinstance(args, dict):
         missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
+    if isinstance(state, dict) and not isinstance(state.get("world_size", 1), int):
+        missing.append("a valid world_size")
     if missing or not isinstance(args, dict) or not isinstance(state["step"], int):
         raise RunError(f"{path} is not a checkpoint of this script (missing {', '.join(missing) or 'a valid args/step'}); "
                        "start again with --overwrite or choose another --out")
@@ -363,12 +442,13 @@ class Run:
     device: torch.device
     corpus: Corpus
     sampler: RandomWindowSampler
-    model: nn.Module
-    net: nn.Module  # what the loop calls: the model, wrapped in DDP and/or torch.compile
-    ddp: nn.Module
+    model: nn.Module  # the language model (under --fsdp sharded in place: its parameters are DTensors)
+    net: nn.Module  # what the loop calls: the model, or its DDP wrapper
+    ddp: DistributedDataParallel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     out: Path | None
+    owns_group: bool = False  # set_up created the process group, so main destroys it
     step: int = 0  # optimizer steps done; the model, optimizer and scheduler are at this step
     saved_step: int = -1  # the step of checkpoint.pt on disk, -1: none
     records: list[dict] = field(default_factory=list)
@@ -377,20 +457,45 @@ class Run:
     bad_grads: torch.Tensor | None = None  # > 0 if a gradient norm since the last flush was not finite
     committed: dict = field(default_factory=dict)  # sampler and RNG state at `step`
     last_val: float | None = None
-    train_time: float = 0.0
+    train_time: float = 0.0  # seconds in training steps (not evaluation, sampling, checkpoints)
     train_steps: int = 0
+    warmup: tuple[int, float] | None = None  # (train_steps, train_time) at this process' first flush
     plot_noted: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def parallel(self) -> str:
+        return "fsdp" if self.args.fsdp else "ddp" if self.world > 1 else "none"
+
     def log(self, *a, **k) -> None:
         if self.is_main:
             print(*a, **k)
 
+    def tokens_per_s(self) -> float | None:
+        """Training tokens/s after the first --log-every steps (compilation, CUDA-graph capture,
+        allocator warm-up), or over all steps when no later ones were timed."""
+        steps, seconds = self.train_steps, self.train_time
+        if self.warmup is not None and steps > self.warmup[0]:
+            steps, seconds = steps - self.warmup[0], seconds - self.warmup[1]
+        tokens_per_step = self.world * self.args.batch_size * self.args.grad_accum * self.args.seq_len
+        return steps * tokens_per_step / seconds if seconds > 0 else None
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+
+    def graph_step(self) -> None:
+        """Before each training forward under --cuda-graphs: the previous step's graph outputs are dead."""
+        if self.args.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
+    def eager(self):
+        """Evaluation and sampling run the compiled blocks eagerly: no second compile (and graph
+        pool) for no-grad mode, no new graph for every context length while sampling; a few
+        batches every --eval-every steps."""
+        return torch.compiler.set_stance("force_eager") if self.args.compile else nullcontext()
 
 
 def load_data(args: argparse.Namespace, rank: int, world: int) -> tuple[Corpus, RandomWindowSampler]:
@@ -405,45 +510,118 @@ def load_data(args: argparse.Namespace, rank: int, world: int) -> tuple[Corpus, 
     return corpus, sampler
 
 
-def build_model(args: argparse.Namespace, device: torch.device):
+def build_model(args: argparse.Namespace) -> CoLT5LanguageModel:
+    """The seeded model, on the CPU: every rank builds the same one (FSDP2 moves each block's shard)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = CoLT5LanguageModel(**model_config(args)).to(device)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95)
-    )
+    return CoLT5LanguageModel(**model_config(args))
+
+
+def model_units(model: CoLT5LanguageModel) -> list[nn.Module]:
+    """The modules the backbone calls once per layer: FSDP2's units and --compile's regions.
+
+    The routed stack calls each block. DenseTransformer.forward calls each layer's attn and ff
+    itself (it skips the layer's input check), so hooks or compilation on a dense layer would
+    never run: there the units are the attn and ff modules.
+    """
+    if model.dense:
+        return [sub for layer in model.backbone[0].layers for sub in (layer.attn, layer.ff)]
+    return list(model.backbone.layers)
+
+
+def distribute(model: CoLT5LanguageModel, args: argparse.Namespace, *, world: int,
+               device: torch.device) -> tuple[nn.Module, DistributedDataParallel | None]:
+    """Place, shard or replicate, and compile the model: (what the loop calls, the DDP wrapper or None).
+
+    --fsdp shards `model` in place (its parameters become DTensors), so the optimizer is built
+    after this. DDP keeps a gradient bucket per ~25 MB of parameters; gradient_as_bucket_view
+    makes each .grad a view into its bucket, which drops the copy of every gradient into the
+    bucket and back (and that memory). static_graph=True would spare find_unused_parameters' walk
+    of the graph, but torch 2.13's reducer fails an internal assert when the first micro-step
+    runs under no_sync, so it is left off.
+    """
+    units = model_units(model)
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP2 warns when a unit returns a view (the routed blocks' CPU path returns index_add's
+        # result viewed back to [b, n, d]): an in-place op on it would skip the unit's backward
+        # all-gather. Nothing here modifies a block's output in place, and
+        # tests/test_distributed.py checks FSDP's losses against one process'.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(device.type, (world,))
+        for unit in units:
+            fully_shard(unit, mesh=mesh)  # moves the unit to the device, keeps 1/world of it
+        fully_shard(model, mesh=mesh)  # the rest: embeddings, final norm, logits
+    else:
+        model.to(device)
+    if args.compile:
+        # Regional compilation: the blocks share one compiled graph, DDP's and FSDP2's hooks stay
+        # outside it (a whole-model compile of DDP splits the graph at bucket boundaries).
+        options = {"mode": "reduce-overhead"} if args.cuda_graphs else {}
+        for unit in units:
+            unit.compile(backend=args.compile, **options)
+    if args.cuda_graphs:
+        # Gradients must accumulate into buffers that live outside the graphs' memory pool (a
+        # .grad allocated by a replay is overwritten by the next one), so they exist before the
+        # first step and are zeroed in place, never set to None (see apply_update).
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    if world == 1 or args.fsdp:
+        return model, None
+    # A context within one routing window gives the routers no gradient (the first window is
+    # routed by position); only then must DDP look for unused parameters.
+    one_window = not args.dense and args.seq_len <= model_config(args)["heavy_window_size"]
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=one_window, gradient_as_bucket_view=True)
+    return ddp, ddp
+
+
+def param_groups(model: nn.Module) -> list[tuple[float, list[tuple[str, nn.Parameter]]]]:
+    """AdamW's groups as (weight decay, [(name, parameter)]): decay on matrices, none on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append((name, p))
+    return [(0.1, decay), (0.0, no_decay)]
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device):
+    groups = [{"params": [p for _, p in named], "weight_decay": wd} for wd, named in param_groups(model)]
+    # fused on CUDA: one kernel per parameter group instead of one per op and group (foreach);
+    # the step is bound by the host's cost per launch on the H200 host (benchmarks/RESULTS.md).
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
-    return model, optimizer, scheduler
+    return optimizer, scheduler
+
+
+def named_optimizer_state(state: dict, model: nn.Module) -> dict:
+    """An optimizer state keyed by parameter index (torch's Optimizer.state_dict, as this script
+    wrote it before its checkpoints held get_state_dict's output) re-keyed by parameter name."""
+    groups = state["param_groups"]
+    if not all(isinstance(i, int) for group in groups for i in group["params"]):
+        return state
+    names = [name for _, named in param_groups(model) for name, _ in named]
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in groups]}
 
 
 def restore(run: Run, checkpoint: dict, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict  # see full_state
+
     try:
-        run.model.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        # The full state of one file into whatever the model is now: one process, DDP's replica
+        # or FSDP2's shards (each rank keeps its part).
+        set_state_dict(run.model, run.optimizer, model_state_dict=checkpoint["model"],
+                       optim_state_dict=named_optimizer_state(checkpoint["optimizer"], run.model),
+                       options=StateDictOptions(full_state_dict=True))
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.sampler.load_state_dict(checkpoint["sampler"])
         set_rng_state(checkpoint["rng"], run.device)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
         raise RunError(f"{path} does not fit this script's model ({_first_line(e)}); start again with --overwrite "
                        "or choose another --out") from None
     run.step = run.saved_step = checkpoint["step"]
-
-
-def wrap_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(net, ddp): the module the loop calls, and the DDP wrapper (the model itself on one process)."""
-    net = ddp = model
-    if world > 1:
-        # A context within one routing window gives the routers no gradient (the first window is
-        # routed by position); only then must DDP look for unused parameters.
-        one_window = not args.dense and args.seq_len <= model_config(args)["heavy_window_size"]
-        net = ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=one_window
-        )
-    if args.compile:
-        net = torch.compile(net)
-    return net, ddp
 
 
 def finished_run(out: Path, checkpoint: dict, is_main: bool) -> dict:
@@ -458,7 +636,7 @@ def finished_run(out: Path, checkpoint: dict, is_main: bool) -> dict:
 
 
 def set_up(argv: list[str] | None) -> Run | dict:
-    """Arguments, device, run directory, checkpoint, data, model, optimizer, distributed.
+    """Arguments, device, run directory, checkpoint, data, distributed, model, optimizer.
 
     Every check that can refuse the run comes before the first write. Returns the saved summary
     instead of a Run when --resume finds a finished run.
@@ -466,13 +644,15 @@ def set_up(argv: list[str] | None) -> Run | dict:
     args = parse_args(argv)
     rank, world, local_rank = distributed_env()
     device = resolve_device(args.device, world, local_rank)
+    check_parallel_flags(args, world, device)
     out = Path(args.out) if args.out else None
     checkpoint = None
     if out is not None:
         check_out_dir(out, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
         checkpoint = load_checkpoint(out / CHECKPOINT)
-    args = fill_defaults(args, device, checkpoint["args"] if checkpoint else None)
+    saved_world = checkpoint.get("world_size", world) if checkpoint else world  # older checkpoints: as now
+    args = fill_defaults(args, device, checkpoint["args"] if checkpoint else None, world=world, saved_world=saved_world)
     if checkpoint is not None and checkpoint["step"] >= args.steps:
         return finished_run(out, checkpoint, rank == 0)
     if checkpoint is not None and args.stop_at is not None and args.stop_at <= checkpoint["step"]:
@@ -485,19 +665,24 @@ def set_up(argv: list[str] | None) -> Run | dict:
 
     corpus, sampler = load_data(args, rank, world)
     log(f"corpus: {corpus.describe()}")
-    init_distributed(device, world)
-    model, optimizer, scheduler = build_model(args, device)
+    owns_group = init_distributed(device, world, args.dist_timeout)
+    model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
+    parallel = "fsdp" if args.fsdp else "ddp" if world > 1 else "none"
     log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}, {n_params / 1e6:.2f}M "
-        f"parameters; device {device}, precision {args.precision}, world size {world}")
+        f"parameters; device {device}, precision {args.precision}, world size {world}"
+        f"{f' ({parallel})' if world > 1 else ''}{f', compiled ({args.compile})' if args.compile else ''}"
+        f"{', CUDA graphs' if args.cuda_graphs else ''}")
     log(f"batch: {world} x {args.batch_size} x {args.grad_accum} sequences of {args.seq_len} bytes per step, {args.steps} steps")
-    run = Run(args=args, rank=rank, world=world, device=device, corpus=corpus, sampler=sampler, model=model, net=model,
-              ddp=model, optimizer=optimizer, scheduler=scheduler, out=out, records=records)
+    net, ddp = distribute(model, args, world=world, device=device)
+    optimizer, scheduler = build_optimizer(model, args, device)
+    run = Run(args=args, rank=rank, world=world, device=device, corpus=corpus, sampler=sampler, model=model, net=net,
+              ddp=ddp, optimizer=optimizer, scheduler=scheduler, out=out, owns_group=owns_group, records=records)
     if checkpoint is not None:
         restore(run, checkpoint, out / CHECKPOINT)
-        log(f"resumed from {out / CHECKPOINT} at step {run.step}")
+        resumed_from = f" (saved by {saved_world} process{'es' if saved_world > 1 else ''})" if saved_world != world else ""
+        log(f"resumed from {out / CHECKPOINT} at step {run.step}{resumed_from}")
     run.committed = {"sampler": sampler.state_dict(), "rng": rng_state(device)}
-    run.net, run.ddp = wrap_model(model, args, world, device)
     if run.is_main and out is not None:
         prepare_out_dir(out, records, overwrite=args.overwrite)
     return run
@@ -529,6 +714,10 @@ class InterruptGuard:
         self.deferring = self.pending = False
         self.previous = None
 
+    @property
+    def installed(self) -> bool:
+        return self.previous is not None
+
     def __enter__(self) -> InterruptGuard:
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -556,14 +745,27 @@ class InterruptGuard:
             raise KeyboardInterrupt
 
 
+def gradient_sync(run: Run, last: bool):
+    """Reduce gradients over the ranks on the last micro-batch of a step only: one all-reduce
+    (DDP) or reduce-scatter (FSDP2) per bucket or unit per step, however many micro-batches."""
+    if run.ddp is not None and not last:
+        return run.ddp.no_sync()
+    if run.args.fsdp and run.args.grad_accum > 1:
+        run.model.set_requires_gradient_sync(last)
+    return nullcontext()
+
+
 def forward_backward(run: Run) -> torch.Tensor:
     """One step's micro-batches, gradients accumulated; returns the step's mean loss (no sync)."""
     args = run.args
     step_loss = torch.zeros((), device=run.device)
     for micro in range(args.grad_accum):
-        batch = run.sampler.next_batch().to(run.device, non_blocking=True)
-        sync = nullcontext() if run.world == 1 or micro == args.grad_accum - 1 else run.ddp.no_sync()
-        with sync:
+        batch = run.sampler.next_batch()
+        if run.device.type == "cuda":
+            batch = batch.pin_memory()  # from pageable memory a non_blocking copy is not asynchronous
+        batch = batch.to(run.device, non_blocking=True)
+        with gradient_sync(run, micro == args.grad_accum - 1):
+            run.graph_step()
             with run.autocast():
                 logits = run.net(batch[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
@@ -575,9 +777,11 @@ def forward_backward(run: Run) -> torch.Tensor:
 def apply_update(run: Run) -> torch.Tensor:
     """Clip, step the optimizer and schedule; returns 1.0 if the gradient norm was not finite (no sync)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+    if run.args.fsdp:  # a DTensor: the norm over every rank's shards, replicated
+        grad_norm = grad_norm.full_tensor()
     run.optimizer.step()
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=not run.args.cuda_graphs)  # see distribute
     run.step += 1
     run.committed = {"sampler": run.sampler.state_dict(), "rng": rng_state(run.device)}
     return (~torch.isfinite(grad_norm)).float()
@@ -636,7 +840,6 @@ def train(run: Run, guard: InterruptGuard) -> None:
     args = run.args
     stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
     bar = tqdm(total=args.steps, initial=run.step, disable=not run.is_main or args.no_progress, dynamic_ncols=True, unit="step")
-    tokens_per_step = run.world * args.batch_size * args.grad_accum * args.seq_len
     if run.step == 0:
         run.last_val = evaluate(run)
         emit(run, {"step": 0, "val_bpc": run.last_val})
@@ -646,6 +849,7 @@ def train(run: Run, guard: InterruptGuard) -> None:
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     run.pending, run.bad_grads = [], torch.zeros((), device=run.device)
+    profiler = start_profiler(run)
     t0 = time.perf_counter()
     run.model.train()
     while run.step < stop:
@@ -662,7 +866,8 @@ def train(run: Run, guard: InterruptGuard) -> None:
         if step % args.log_every == 0 or boundary or sample_due:
             losses = flush_losses(run, guard)
             run.train_time += time.perf_counter() - t0
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{run.train_steps * tokens_per_step / run.train_time:,.0f}")
+            run.warmup = run.warmup or (run.train_steps, run.train_time)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{run.tokens_per_s():,.0f}")
             if boundary:
                 val = evaluate(run)
                 if not math.isfinite(val):
@@ -672,21 +877,52 @@ def train(run: Run, guard: InterruptGuard) -> None:
                 emit(run, {"step": step, "val_bpc": val})
                 bar.write(f"step {step}: train {losses[-1] / LOG2:.4f} bpc, val {val:.4f} bpc") if run.is_main else None
             write_metrics(run)
-            if sample_due and run.is_main:
-                bar.write(sample_text(run, step))
+            if sample_due and (run.is_main or run.args.fsdp):  # FSDP: every rank's shards take part
+                text = sample_text(run, step)
+                bar.write(text) if run.is_main else None
             if boundary:
                 checkpoint(run)
             t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.step()  # after the step's flush, evaluation and checkpoint: they belong to it
+    if profiler is not None:
+        profiler.stop()
     bar.close()
 
 
-def interrupted(run: Run | None) -> SystemExit:
-    """Ctrl-C: checkpoint the last finished step if checkpoint.pt is older, say how to go on; exit 130."""
+def start_profiler(run: Run) -> torch.profiler.profile | None:
+    """--profile N, rank 0 only: N training steps after PROFILE_SKIP + 1, host and (CUDA) device
+    activity. The table of ops by self time goes to stdout; DIR/profile_rank0.json shows the
+    timeline: host gaps, DDP's all-reduces (nccl kernels on their own stream) against backward."""
+    if not (run.args.profile and run.is_main):
+        return None
+    cuda = run.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+
+    def report(prof: torch.profiler.profile) -> None:
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        run.log(f"profile of steps {run.step - run.args.profile + 1}-{run.step} (rank 0):\n"
+                f"{prof.key_averages().table(sort_by=sort, row_limit=25)}")
+        if run.out is not None:
+            prof.export_chrome_trace(str(run.out / PROFILE))
+
+    schedule = torch.profiler.schedule(skip_first=PROFILE_SKIP, wait=0, warmup=1, active=run.args.profile, repeat=1)
+    profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=report)
+    profiler.start()
+    return profiler
+
+
+def interrupted(run: Run | None, *, in_step: bool) -> SystemExit:
+    """Ctrl-C: checkpoint the last finished step if checkpoint.pt is older, say how to go on; exit 130.
+
+    in_step: every rank stops at this step (one process, or the guard's flush decided it), so a
+    collective is safe; under FSDP the checkpoint is one (the gather), so it is skipped otherwise.
+    """
     if run is None:
         print("interrupted before training started", file=sys.stderr)
         return SystemExit(130)
     saved = run.saved_step
-    if run.out is not None and run.step > run.saved_step:
+    if run.out is not None and run.step > run.saved_step and (in_step or not run.args.fsdp):
         # A second Ctrl-C (or torchrun passing the first one on) must not tear the save.
         ignoring = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if ignoring else None
@@ -723,11 +959,25 @@ def evaluate(run: Run) -> float:
     total = torch.zeros((), device=run.device, dtype=torch.float64)
     for i in range(args.eval_batches):
         batch = sampler.batch_at(i).to(run.device)
-        with run.autocast():
+        with run.autocast(), run.eager():
             logits = run.model(batch[:, :-1])
         total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).double()
     run.model.train(was_training)
     return all_reduce_mean(total / args.eval_batches, run.world).item() / LOG2
+
+
+@contextmanager
+def whole_model(run: Run):
+    """For generate, which calls the model's inner method rather than forward: FSDP2's root hooks
+    (that gather the embeddings and logits) do not run, so gather them here (the blocks gather
+    themselves)."""
+    if run.args.fsdp:
+        run.model.unshard()
+    try:
+        yield
+    finally:
+        if run.args.fsdp:
+            run.model.reshard()
 
 
 def sample_text(run: Run, step: int) -> str:
@@ -737,7 +987,7 @@ def sample_text(run: Run, step: int) -> str:
     start = int(torch.randint(0, valid.numel() - prime_len, (1,), generator=g))
     prime = valid[start : start + prime_len].long().to(device)
     gen_device = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
-    with run.autocast():
+    with run.autocast(), run.eager(), whole_model(run):
         out = run.model.generate(prime, length=args.generate_length, temperature=1.0, top_k=None, generator=gen_device)
     decode = lambda t: bytes(t.tolist()).decode("utf-8", errors="replace")  # noqa: E731
     return f"--- sample at step {step} ---\n[prompt] {decode(prime)}\n[model] {decode(out.cpu())}\n---"
@@ -768,15 +1018,39 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def full_state(run: Run) -> tuple[dict, dict]:
+    """The model's and optimizer's full (unsharded) state, keyed by parameter name, on rank 0's CPU
+    (other ranks get empty dicts). Under FSDP a collective: every rank calls it."""
+    # Imported where used: torch.distributed.checkpoint costs ~0.7 s of start-up (this CPU).
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def checkpoint(run: Run) -> None:
-    """Save the run at its current step and redraw the loss curve (rank 0, with --out)."""
-    if not (run.is_main and run.out is not None):
+    """Save the run at its current step and redraw the loss curve (rank 0 writes, with --out).
+
+    One file whatever the run's mode: it resumes in one process, under DDP or under FSDP.
+    """
+    if run.out is None:
         run.saved_step = run.step
         return
-    save_checkpoint(run.out / CHECKPOINT, dict(
-        model=run.model.state_dict(), optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-        sampler=run.committed["sampler"], rng=run.committed["rng"], step=run.step, args=vars(run.args),
-    ))
+    if run.args.fsdp or run.is_main:
+        model_state, optimizer_state = full_state(run)
+    if not run.is_main:
+        run.saved_step = run.step
+        return
+    path = run.out / CHECKPOINT
+    try:
+        save_checkpoint(path, dict(
+            model=model_state, optimizer=optimizer_state, scheduler=run.scheduler.state_dict(),
+            sampler=run.committed["sampler"], rng=run.committed["rng"], step=run.step, args=vars(run.args),
+            world_size=run.world,
+        ))
+    except OSError as e:
+        kept = (f"the checkpoint of step {run.saved_step} is kept: free space or fix --out, then --resume"
+                if run.saved_step >= 0 else "no checkpoint was saved: free space or fix --out, then start again")
+        raise RunError(f"cannot write {path} at step {run.step} ({_first_line(e)}); {kept}", code=1) from None
     run.saved_step = run.step
     note = plot_losses(run.out, run.records)
     if note and not run.plot_noted:
@@ -818,11 +1092,11 @@ def summarize(run: Run, wall_start: float) -> dict:
     args, device = run.args, run.device
     kind = "dense" if args.dense else "colt5"
     n_params = sum(p.numel() for p in run.model.parameters())
-    tokens_per_step = run.world * args.batch_size * args.grad_accum * args.seq_len
     summary = {
         "model": kind, "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-        "world_size": run.world, "precision": args.precision, "seq_len": args.seq_len, "step": run.step,
-        "train_tokens_per_s": (run.train_steps * tokens_per_step / run.train_time) if run.train_time > 0 else None,
+        "world_size": run.world, "parallel": run.parallel, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+        "precision": args.precision, "seq_len": args.seq_len, "step": run.step,
+        "train_tokens_per_s": run.tokens_per_s(),
         "final_val_bpc": run.last_val,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "wall_s": time.perf_counter() - wall_start, "corpus": run.corpus.name, "corpus_bytes": run.corpus.num_bytes,
@@ -833,7 +1107,7 @@ def summarize(run: Run, wall_start: float) -> dict:
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
         print(
             f"SUMMARY model={kind} params={n_params / 1e6:.2f}M device={summary['device']} x{run.world} "
-            f"precision={args.precision} seq_len={args.seq_len} steps={run.step} "
+            f"parallel={run.parallel} precision={args.precision} seq_len={args.seq_len} steps={run.step} "
             f"tokens/s={fmt(summary['train_tokens_per_s'], ',.0f')} val_bpc={fmt(run.last_val, '.4f')} "
             f"peak_mem_gib={fmt(summary['peak_mem_gib'], '.2f')} wall={summary['wall_s']:.1f}s"
         )
@@ -841,14 +1115,30 @@ def summarize(run: Run, wall_start: float) -> dict:
 
 
 # ---- main --------------------------------------------------------------------------------------
+def leave_job(code: int) -> NoReturn:
+    """End this rank of a distributed run that failed, at once: no collective and no process-group
+    teardown, either of which could wait for ever on a rank that is gone. The other ranks stop
+    when their next collective fails (gloo sees the closed socket), when torchrun stops them, or
+    after --dist-timeout (NCCL's watchdog)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run training; returns the summary dict (rank 0; other ranks return it too, unprinted).
 
     Exit codes (SystemExit): 2 a mistake the user can fix (one line on stderr, nothing written),
-    1 the loss diverged, 130 interrupted (Ctrl-C; the last finished step is checkpointed).
+    1 the loss diverged or a rank failed, 130 interrupted (Ctrl-C; the last finished step is
+    checkpointed). On several processes a rank that fails leaves at once, without waiting for the
+    others: a RunError with its line and code, any other exception with its traceback, a last line
+    "[rank R] error: in step S: ..." and code 1 (this ends the process even when the caller of
+    main made the process group).
     """
     wall_start = time.perf_counter()
-    run = None
+    rank, world, _ = distributed_env()
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    run = guard = None
     try:
         try:
             run = set_up(argv)
@@ -858,15 +1148,37 @@ def main(argv: list[str] | None = None) -> dict:
                 train(run, guard)
             summary = summarize(run, wall_start)
         except KeyboardInterrupt:
-            raise interrupted(run) from None
+            # Under DDP/FSDP the guard turns Ctrl-C into a KeyboardInterrupt on every rank after
+            # the same step; without it (not the main thread) the ranks are not in step.
+            raise interrupted(run, in_step=run is None or run.world == 1 or (guard is not None and guard.installed)) from None
     except RunError as e:
-        rank, world, _ = distributed_env()
-        print(f"{f'[rank {rank}] ' if world > 1 else ''}error: {e.message}", file=sys.stderr)
+        print(f"{prefix}error: {e.message}", file=sys.stderr)
+        if world > 1 and dist.is_initialized():
+            leave_job(e.code)  # raised on this rank alone, perhaps: the others may be in a collective
         raise
-    if run.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    except SystemExit:  # interrupted (exit 130): nothing is left to wait for
+        if isinstance(run, Run) and run.owns_group:
+            dist.destroy_process_group()
+        raise
+    except Exception as e:
+        if world == 1:
+            raise
+        traceback.print_exc()
+        where = "in set-up" if run is None else f"in step {run.step + 1}"
+        print(f"{prefix}error: {where}: {_first_line(e, 300)} (traceback above); this rank stops. If another rank "
+              "failed first, its error is the cause", file=sys.stderr)
+        leave_job(1)
+    end_distributed(run)
     return summary
+
+
+def end_distributed(run: Run | None) -> None:
+    """The orderly end of a distributed run (all ranks here): wait for rank 0's last writes."""
+    if run is None or run.world == 1:
+        return
+    dist.barrier()
+    if run.owns_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
