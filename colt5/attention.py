@@ -12,9 +12,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from colt5 import validation
 from colt5.heavy_attention import RoutedAttention
 from colt5.local_attention import LocalMHA
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs, norm_and_scores, route_together
+from colt5.routers import (
+    CoordinateDescentRouter,
+    RouterFactory,
+    RouterStats,
+    layer_router_kwargs,
+    make_router,
+    norm_and_scores,
+    route_together,
+)
 
 __all__ = ["ConditionalRoutedAttention"]
 
@@ -41,10 +50,15 @@ class ConditionalRoutedAttention(nn.Module):
 
     Args mirror the CoLT5 library: light_* configure the local attention (window
     light_window_size, one window back and one forward); heavy_* the routed attention;
-    router_kwargs go to both `CoordinateDescentRouter`s; use_triton picks the soft top-k backend
-    (None: by device). use_flash_attn is accepted for compatibility: the heavy attention always
-    runs the fused kernel of `colt5.kernels.flash_attention` on CUDA. Raises ValueError if
-    heavy_heads % num_routed_kv != 0.
+    router_class makes both routers, `router_class(dim, straight_through=..., use_triton=...,
+    **router_kwargs)` (the key-value one with num_routing_tokens=num_routed_kv): a
+    `colt5.routers.Router` subclass or any callable returning one (default
+    `CoordinateDescentRouter`); use_triton picks the soft top-k backend (None: by device).
+    use_flash_attn is accepted for compatibility: the heavy attention always runs the fused
+    kernel of `colt5.kernels.flash_attention` on CUDA. Raises ValueError if
+    heavy_heads % num_routed_kv != 0; forward raises TypeError / ValueError naming the argument
+    for a bad x or mask, and for an x on another device or of another dtype than the layer
+    (autocast's fp32/fp16/bf16 aside).
     """
 
     def __init__(
@@ -68,14 +82,18 @@ class ConditionalRoutedAttention(nn.Module):
         use_null_q_tokens: bool = True,
         use_flash_attn: bool | None = None,
         rotary_emb: bool = False,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
         super().__init__()
-        check_num_tokens(dim, "dim")
-        check_num_tokens(num_heavy_tokens_q, "num_heavy_tokens_q")
-        check_num_tokens(num_heavy_tokens_kv, "num_heavy_tokens_kv")
-        check_num_tokens(num_routed_kv, "num_routed_kv")
-        check_num_tokens(heavy_heads, "heavy_heads")
-        check_num_tokens(heavy_dim_head, "heavy_dim_head")
+        for name, value in (
+            ("dim", dim),
+            ("num_heavy_tokens_q", num_heavy_tokens_q),
+            ("num_heavy_tokens_kv", num_heavy_tokens_kv),
+            ("num_routed_kv", num_routed_kv),
+            ("heavy_heads", heavy_heads),
+            ("heavy_dim_head", heavy_dim_head),
+        ):
+            validation.positive_int(name, value)
         if heavy_heads % num_routed_kv:
             raise ValueError(f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv})")
         if rotary_emb and heavy_dim_head % 2:
@@ -102,8 +120,8 @@ class ConditionalRoutedAttention(nn.Module):
         )
 
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
-        self.q_router = CoordinateDescentRouter(dim, **kwargs)
-        self.kv_router = CoordinateDescentRouter(dim, num_routing_tokens=num_routed_kv, **kwargs)
+        self.q_router = make_router(router_class, dim, name="q_router", **kwargs)
+        self.kv_router = make_router(router_class, dim, name="kv_router", num_routing_tokens=num_routed_kv, **kwargs)
 
         self.heavy = RoutedAttention(
             dim, heads=heavy_heads, dim_head=heavy_dim_head, num_routes=num_routed_kv,
@@ -120,11 +138,8 @@ class ConditionalRoutedAttention(nn.Module):
         mask: Tensor | None = None,
         residual: Tensor | None = None,
     ) -> Tensor:
-        check_tokens(x, self.dim, mask)
-        num_q = self.num_heavy_tokens_q if num_heavy_tokens_q is None else num_heavy_tokens_q
-        num_kv = self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else num_heavy_tokens_kv
-        check_num_tokens(num_q, "num_heavy_tokens_q")
-        check_num_tokens(num_kv, "num_heavy_tokens_kv")
+        validation.layer_input(x, self, mask=mask)
+        num_q, num_kv = self._counts(num_heavy_tokens_q, num_heavy_tokens_kv)
 
         x, scores = norm_and_scores(self.norm, x, [self.q_router, self.kv_router])
         light = self.light_attn(x, mask=mask) if self.light_attn is not None else None
@@ -133,3 +148,20 @@ class ConditionalRoutedAttention(nn.Module):
         if residual is not None:
             return self.heavy(residual, q, kv, light=light)
         return self.heavy(light if light is not None else torch.zeros_like(x), q, kv)
+
+    def _counts(self, num_heavy_tokens_q: int | None, num_heavy_tokens_kv: int | None) -> tuple[int, int]:
+        num_q = self.num_heavy_tokens_q if num_heavy_tokens_q is None else num_heavy_tokens_q
+        num_kv = self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else num_heavy_tokens_kv
+        return validation.positive_int("num_heavy_tokens_q", num_q), validation.positive_int("num_heavy_tokens_kv", num_kv)
+
+    def routing_stats(
+        self, x: Tensor, *, num_heavy_tokens_q: int | None = None, num_heavy_tokens_kv: int | None = None,
+        mask: Tensor | None = None,
+    ) -> dict[str, RouterStats]:
+        """How far each router's soft top-k gets on x [b, n, d] (`Router.routing_stats`, on the
+        normalised x the routers see): {"q": query router's, "kv": key-value router's}."""
+        validation.layer_input(x, self, mask=mask)
+        num_q, num_kv = self._counts(num_heavy_tokens_q, num_heavy_tokens_kv)
+        xn = self.norm(x)
+        return {"q": self.q_router.routing_stats(xn, num_tokens=num_q, mask=mask),
+                "kv": self.kv_router.routing_stats(xn, num_tokens=num_kv, mask=mask)}

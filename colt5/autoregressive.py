@@ -13,20 +13,24 @@ with n and a model trained at one length runs at any other.
 
 Heavy attention: each routed query attends to every routed key-value at an original position
 <= its own (across all windows; a causal mask on original positions) plus a learned null
-key/value, so no row is empty. Values are scaled by the key-value router's weights, the output by
-the query router's; outputs are scattered back to their positions and unrouted queries get a
-learned null output (use_null_q_tokens) or nothing.
+key/value, so no row is empty (num_heavy_tokens_kv above W takes colt5-attention's meaning:
+each query window attends to that many of the most recent routed key-values; see the
+attention). Values are scaled by the key-value router's weights, the output by the query
+router's; outputs are scattered back to their positions and unrouted queries get a learned null
+output (use_null_q_tokens) or nothing.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from colt5 import validation
+from colt5.block_options import block_options, split_block_options
 from colt5.causal_routing import CausalCoordinateDescentRouter
 from colt5.feedforward import FeedForward
 from colt5.heavy_attention import RoutedAttention
 from colt5.local_attention import LocalMHA
-from colt5.routers import check_num_tokens, check_tokens, layer_router_kwargs, norm_and_scores, scatter_back
+from colt5.routers import RouterFactory, layer_router_kwargs, make_router, norm_and_scores, scatter_back
 
 __all__ = [
     "ConditionalRoutedAutoregressiveAttention",
@@ -38,10 +42,24 @@ __all__ = [
 
 
 def _check_capacity(value: int, window: int, name: str) -> int:
-    check_num_tokens(value, name)
+    validation.positive_int(name, value)
     if value > window:
         raise ValueError(f"{name} is a capacity per heavy window and must be <= heavy_window_size={window}, got {value}")
     return value
+
+
+def _kv_slots(num_heavy_tokens_kv: int, window: int, name: str = "num_heavy_tokens_kv") -> tuple[int, int | None]:
+    """num_heavy_tokens_kv -> (Ckv key-value slots routed per heavy window, span K or None).
+
+    Up to W (ours): Ckv = num_heavy_tokens_kv and no span, every earlier slot is visible.
+    Above W (colt5-attention's meaning, how many past key-values each query window attends
+    to): Ckv = max(1, W // 8), CoLT5's fraction, and each query window sees only the K most
+    recent routed slots up to its own last one.
+    """
+    validation.positive_int(name, num_heavy_tokens_kv)
+    if num_heavy_tokens_kv <= window:
+        return num_heavy_tokens_kv, None
+    return max(1, window // 8), num_heavy_tokens_kv
 
 
 class ConditionalRoutedAutoregressiveAttention(nn.Module):
@@ -53,7 +71,17 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         dim: model width d.
         num_heavy_tokens_q, num_heavy_tokens_kv: routed queries / key-values per heavy window
             (capacities, <= heavy_window_size; CoLT5's n/16 and n/8 are W/16 and W/8). forward's
-            arguments of the same names override them per call.
+            arguments of the same names override them per call, by the same rule.
+            num_heavy_tokens_kv = K > W takes colt5-attention's meaning instead: K is how many
+            past key-values each query window attends to. The mapping (`_kv_slots`): ours,
+            K <= W, routes Ckv = K slots in every window of W tokens and a routed query sees
+            every routed slot at a position <= its own (about n / W * Ckv of them at the end
+            of a sequence); K > W routes Ckv = max(1, W // 8) slots per window and a query of
+            window w sees only the K most recent slots up to window w's last one (slot j with
+            j >= (w + 1) * Ckv - K: the slots of the last K / Ckv windows), at positions <= its
+            own. colt5-attention picks its K among all earlier tokens at once; here they are
+            the routed slots of the most recent windows, so routing stays per window and
+            causal.
         num_routed_kv: key-value routes; heavy heads are split evenly between them (each route
             has its own router and key/value projection).
         light_dim_head, light_heads, light_window_size: the causal local attention (each token
@@ -69,6 +97,14 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
             elsewhere). use_flash_attn: accepted for compatibility (the heavy attention always
             runs the fused kernel of `colt5.kernels.flash_attention` on CUDA).
         rotary_emb: rotary embeddings in both branches, at original positions in the heavy one.
+        router_class: makes both routers, `router_class(dim, window_size=heavy_window_size,
+            straight_through=..., use_triton=..., **router_kwargs)` (the key-value one with
+            num_routing_tokens=num_routed_kv): a `CausalCoordinateDescentRouter` subclass or any
+            callable returning one (the heavy attention relies on its window-ordered slots).
+
+    forward raises TypeError / ValueError naming the argument for a bad x, and for an x on
+    another device or of another dtype than the layer (autocast's fp32/fp16/bf16 aside). An
+    empty x (batch or sequence 0) gives an empty output.
     """
 
     def __init__(
@@ -92,14 +128,15 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         use_null_q_tokens: bool = True,
         use_flash_attn: bool | None = None,
         rotary_emb: bool = False,
+        router_class: RouterFactory = CausalCoordinateDescentRouter,
     ) -> None:
         super().__init__()
-        check_num_tokens(dim, "dim")
-        check_num_tokens(light_window_size, "light_window_size")
+        validation.positive_int("dim", dim)
+        validation.positive_int("light_window_size", light_window_size)
         heavy_window_size = light_window_size if heavy_window_size is None else heavy_window_size
-        check_num_tokens(heavy_window_size, "heavy_window_size")
+        validation.positive_int("heavy_window_size", heavy_window_size)
         for name, value in (("num_routed_kv", num_routed_kv), ("heavy_heads", heavy_heads), ("heavy_dim_head", heavy_dim_head)):
-            check_num_tokens(value, name)
+            validation.positive_int(name, value)
         if heavy_heads % num_routed_kv:
             raise ValueError(f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv})")
         if rotary_emb and heavy_dim_head % 2:
@@ -107,7 +144,8 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.dim = dim
         self.heavy_window_size = heavy_window_size
         self.num_heavy_tokens_q = _check_capacity(num_heavy_tokens_q, heavy_window_size, "num_heavy_tokens_q")
-        self.num_heavy_tokens_kv = _check_capacity(num_heavy_tokens_kv, heavy_window_size, "num_heavy_tokens_kv")
+        _kv_slots(num_heavy_tokens_kv, heavy_window_size)  # checked now; K > W: colt5-attention's meaning
+        self.num_heavy_tokens_kv = num_heavy_tokens_kv
         self.num_routed_kv = num_routed_kv
         self.use_flash_attn = use_flash_attn
 
@@ -116,8 +154,9 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
             dim, window_size=light_window_size, dim_head=light_dim_head, heads=light_heads, causal=True, rotary_emb=rotary_emb
         )
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "window_size", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
-        self.q_router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, **kwargs)
-        self.kv_router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, num_routing_tokens=num_routed_kv, **kwargs)
+        causal = dict(required=CausalCoordinateDescentRouter, window_size=heavy_window_size)
+        self.q_router = make_router(router_class, dim, name="q_router", **causal, **kwargs)
+        self.kv_router = make_router(router_class, dim, name="kv_router", num_routing_tokens=num_routed_kv, **causal, **kwargs)
 
         self.heavy = RoutedAttention(
             dim, heads=heavy_heads, dim_head=heavy_dim_head, num_routes=num_routed_kv,
@@ -134,10 +173,10 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         random_route: bool = False,
         residual: Tensor | None = None,
     ) -> Tensor:
-        check_tokens(x, self.dim, None)
+        validation.layer_input(x, self)
         W = self.heavy_window_size
         cq = self.num_heavy_tokens_q if num_heavy_tokens_q is None else _check_capacity(num_heavy_tokens_q, W, "num_heavy_tokens_q")
-        ckv = self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else _check_capacity(num_heavy_tokens_kv, W, "num_heavy_tokens_kv")
+        ckv, span = _kv_slots(self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else num_heavy_tokens_kv, W)
 
         x, scores = norm_and_scores(self.norm, x, [self.q_router, self.kv_router])
         q_scores, kv_scores = scores or (None, None)
@@ -146,8 +185,8 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         kv = self.kv_router(x, num_tokens=ckv, random_route=random_route, keep_one_route_dim=True, scores=kv_scores)
         # causal on original positions; slots come in window order, cq and ckv per window
         if residual is not None:
-            return self.heavy(residual, q, kv, causal=True, window_slots=(cq, ckv), light=light)
-        return self.heavy(light, q, kv, causal=True, window_slots=(cq, ckv))
+            return self.heavy(residual, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span, light=light)
+        return self.heavy(light, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span)
 
 
 class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
@@ -160,7 +199,8 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
             num_heavy_tokens overrides it per call.
         heavy_window_size: the routing window W (default 16 * num_heavy_tokens: CoLT5's n/16).
         light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (CoLT5: 1/2 and 4).
-        router_straight_through, router_kwargs, use_triton: as ConditionalRoutedAutoregressiveAttention.
+        router_straight_through, router_kwargs, use_triton, router_class: as
+            ConditionalRoutedAutoregressiveAttention.
     """
 
     def __init__(
@@ -174,12 +214,13 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         router_straight_through: bool = True,
         router_kwargs: dict | None = None,
         use_triton: bool | None = None,
+        router_class: RouterFactory = CausalCoordinateDescentRouter,
     ) -> None:
         super().__init__()
-        check_num_tokens(dim, "dim")
-        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+        validation.positive_int("dim", dim)
+        validation.positive_int("num_heavy_tokens", num_heavy_tokens)
         heavy_window_size = 16 * num_heavy_tokens if heavy_window_size is None else heavy_window_size
-        check_num_tokens(heavy_window_size, "heavy_window_size")
+        validation.positive_int("heavy_window_size", heavy_window_size)
         self.dim = dim
         self.heavy_window_size = heavy_window_size
         self.num_heavy_tokens = _check_capacity(num_heavy_tokens, heavy_window_size, "num_heavy_tokens")
@@ -187,12 +228,12 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         self.light_ff = FeedForward(dim, light_ff_mult)
         self.heavy_ff = FeedForward(dim, heavy_ff_mult)
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "window_size", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
-        self.router = CausalCoordinateDescentRouter(dim, window_size=heavy_window_size, **kwargs)
+        self.router = make_router(router_class, dim, required=CausalCoordinateDescentRouter, window_size=heavy_window_size, **kwargs)
 
     def forward(
         self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False, residual: Tensor | None = None
     ) -> Tensor:
-        check_tokens(x, self.dim, None)
+        validation.layer_input(x, self)
         W = self.heavy_window_size
         c = self.num_heavy_tokens if num_heavy_tokens is None else _check_capacity(num_heavy_tokens, W, "num_heavy_tokens")
         x, scores = norm_and_scores(self.norm, x, [self.router])
@@ -210,7 +251,8 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
 
     Token counts are capacities per heavy window (default heavy_window_size = light_window_size);
     when left None they follow CoLT5's fractions: W/16 queries, W/8 key-values, W/16 ff tokens.
-    Other arguments as ConditionalRoutedAutoregressiveAttention / ...FeedForward.
+    Other arguments as ConditionalRoutedAutoregressiveAttention / ...FeedForward
+    (`colt5.block_options` defines which goes where; router_class makes every router).
     """
 
     def __init__(
@@ -237,41 +279,24 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
         use_null_q_tokens: bool = True,
         use_flash_attn: bool | None = None,
         rotary_emb: bool = False,
+        router_class: RouterFactory = CausalCoordinateDescentRouter,
     ) -> None:
+        options = block_options(locals())
         super().__init__()
-        check_num_tokens(light_window_size, "light_window_size")
+        validation.positive_int("dim", dim)
+        validation.positive_int("light_window_size", light_window_size)
         W = light_window_size if heavy_window_size is None else heavy_window_size
-        check_num_tokens(W, "heavy_window_size")
-        self.attn = ConditionalRoutedAutoregressiveAttention(
-            dim,
-            num_heavy_tokens_q=max(1, W // 16) if num_heavy_attn_tokens_q is None else num_heavy_attn_tokens_q,
-            num_heavy_tokens_kv=max(1, W // 8) if num_heavy_attn_tokens_kv is None else num_heavy_attn_tokens_kv,
-            num_routed_kv=num_routed_kv,
-            light_dim_head=light_dim_head,
-            light_heads=light_heads,
-            light_window_size=light_window_size,
+        validation.positive_int("heavy_window_size", W)
+        options.update(
             heavy_window_size=W,
-            heavy_dim_head=heavy_dim_head,
-            heavy_heads=heavy_heads,
-            router_straight_through=router_straight_through,
-            router_kwargs=router_kwargs,
-            multiply_keys_by_score=multiply_keys_by_score,
-            multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton,
-            use_null_q_tokens=use_null_q_tokens,
-            use_flash_attn=use_flash_attn,
-            rotary_emb=rotary_emb,
+            num_heavy_attn_tokens_q=max(1, W // 16) if num_heavy_attn_tokens_q is None else num_heavy_attn_tokens_q,
+            num_heavy_attn_tokens_kv=max(1, W // 8) if num_heavy_attn_tokens_kv is None else num_heavy_attn_tokens_kv,
+            num_heavy_ff_tokens=max(1, W // 16) if num_heavy_ff_tokens is None else num_heavy_ff_tokens,
         )
-        self.ff = ConditionalRoutedAutoregressiveFeedForward(
-            dim,
-            num_heavy_tokens=max(1, W // 16) if num_heavy_ff_tokens is None else num_heavy_ff_tokens,
-            heavy_window_size=W,
-            light_ff_mult=light_ff_mult,
-            heavy_ff_mult=heavy_ff_mult,
-            router_straight_through=router_straight_through,
-            router_kwargs=router_kwargs,
-            use_triton=use_triton,
-        )
+        attn_kwargs, ff_kwargs = split_block_options(options)
+        self.dim = dim
+        self.attn = ConditionalRoutedAutoregressiveAttention(dim, **attn_kwargs)
+        self.ff = ConditionalRoutedAutoregressiveFeedForward(dim, **ff_kwargs)
 
     def forward(
         self,
@@ -282,6 +307,7 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
         num_heavy_ff_tokens: int | None = None,
         random_route: bool = False,
     ) -> Tensor:
+        validation.layer_input(x, self)
         x = self.attn(x, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
                       random_route=random_route, residual=x)
         return self.ff(x, num_heavy_tokens=num_heavy_ff_tokens, random_route=random_route, residual=x)
@@ -296,11 +322,14 @@ class ConditionalRoutedAutoregressiveTransformer(nn.Module):
 
     def __init__(self, dim: int, *, depth: int, **block_kwargs) -> None:
         super().__init__()
-        check_num_tokens(depth, "depth")
+        validation.positive_int("depth", depth)
+        validation.positive_int("dim", dim)
+        self.dim = dim
         self.layers = nn.ModuleList(ConditionalRoutedAutoregressiveTransformerBlock(dim, **block_kwargs) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, **block_forward_kwargs) -> Tensor:
+        validation.layer_input(x, self)
         for layer in self.layers:
             x = layer(x, **block_forward_kwargs)
         return self.norm(x)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from colt5 import validation
 from colt5.attention import ConditionalRoutedAttention
+from colt5.block_options import block_options, split_block_options
 from colt5.feedforward import ConditionalRoutedFeedForward
-from colt5.routers import check_num_tokens, check_tokens
+from colt5.routers import CoordinateDescentRouter, RouterFactory
 
 __all__ = ["ConditionalRoutedTransformerBlock", "ConditionalRoutedTransformer"]
 
@@ -22,8 +24,9 @@ class ConditionalRoutedTransformerBlock(nn.Module):
     override the constructor's. Arguments are passed on to `ConditionalRoutedAttention` (light_*,
     heavy_*, num_routed_kv, multiply_*_by_score, use_null_q_tokens, use_flash_attn, rotary_emb)
     and `ConditionalRoutedFeedForward` (light_ff_mult, heavy_ff_mult); router_straight_through,
-    router_kwargs and use_triton go to both. Non-causal: the causal variant lives in
-    `colt5.autoregressive`. The residual stream keeps x's dtype (fp32 under autocast).
+    router_kwargs, use_triton and router_class (what makes every router of the block) go to
+    both: `colt5.block_options` defines where each option goes. Non-causal: the causal variant
+    lives in `colt5.autoregressive`. The residual stream keeps x's dtype (fp32 under autocast).
     """
 
     def __init__(
@@ -50,42 +53,17 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         use_flash_attn: bool | None = None,
         rotary_emb: bool = False,
         has_light_attn: bool = True,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
+        attn_kwargs, ff_kwargs = split_block_options(block_options(locals()))
         super().__init__()
-        check_num_tokens(dim, "dim")
-        check_num_tokens(num_heavy_attn_tokens_q, "num_heavy_attn_tokens_q")
-        check_num_tokens(num_heavy_attn_tokens_kv, "num_heavy_attn_tokens_kv")
-        check_num_tokens(num_heavy_ff_tokens, "num_heavy_ff_tokens")
+        validation.positive_int("dim", dim)
+        validation.positive_int("num_heavy_attn_tokens_q", num_heavy_attn_tokens_q)
+        validation.positive_int("num_heavy_attn_tokens_kv", num_heavy_attn_tokens_kv)
+        validation.positive_int("num_heavy_ff_tokens", num_heavy_ff_tokens)
         self.dim = dim
-        self.attn = ConditionalRoutedAttention(
-            dim,
-            num_heavy_tokens_q=num_heavy_attn_tokens_q,
-            num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
-            num_routed_kv=num_routed_kv,
-            has_light_attn=has_light_attn,
-            light_dim_head=light_dim_head,
-            light_heads=light_heads,
-            light_window_size=light_window_size,
-            heavy_dim_head=heavy_dim_head,
-            heavy_heads=heavy_heads,
-            router_straight_through=router_straight_through,
-            router_kwargs=router_kwargs,
-            multiply_keys_by_score=multiply_keys_by_score,
-            multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton,
-            use_null_q_tokens=use_null_q_tokens,
-            use_flash_attn=use_flash_attn,
-            rotary_emb=rotary_emb,
-        )
-        self.ff = ConditionalRoutedFeedForward(
-            dim,
-            num_heavy_tokens=num_heavy_ff_tokens,
-            light_ff_mult=light_ff_mult,
-            heavy_ff_mult=heavy_ff_mult,
-            router_straight_through=router_straight_through,
-            router_kwargs=router_kwargs,
-            use_triton=use_triton,
-        )
+        self.attn = ConditionalRoutedAttention(dim, **attn_kwargs)
+        self.ff = ConditionalRoutedFeedForward(dim, **ff_kwargs)
 
     def forward(
         self,
@@ -95,14 +73,14 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         num_heavy_attn_tokens_kv: int | None = None,
         num_heavy_ff_tokens: int | None = None,
     ) -> Tensor:
-        check_tokens(x, self.dim, mask)
+        validation.layer_input(x, self, mask=mask)
         for name, value in (
             ("num_heavy_attn_tokens_q", num_heavy_attn_tokens_q),
             ("num_heavy_attn_tokens_kv", num_heavy_attn_tokens_kv),
             ("num_heavy_ff_tokens", num_heavy_ff_tokens),
         ):
             if value is not None:
-                check_num_tokens(value, name)
+                validation.positive_int(name, value)
         x = self.attn(x, mask=mask, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
                       residual=x)
         return self.ff(x, mask=mask, num_heavy_tokens=num_heavy_ff_tokens, residual=x)
@@ -118,8 +96,8 @@ class ConditionalRoutedTransformer(nn.Module):
 
     def __init__(self, dim: int, *, depth: int, **block_kwargs):
         super().__init__()
-        check_num_tokens(depth, "depth")
-        check_num_tokens(dim, "dim")
+        validation.positive_int("depth", depth)
+        validation.positive_int("dim", dim)
         self.dim = dim
         self.layers = nn.ModuleList([ConditionalRoutedTransformerBlock(dim, **block_kwargs) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
@@ -132,7 +110,7 @@ class ConditionalRoutedTransformer(nn.Module):
         num_heavy_attn_tokens_kv: int | None = None,
         num_heavy_ff_tokens: int | None = None,
     ) -> Tensor:
-        check_tokens(x, self.dim, mask)
+        validation.layer_input(x, self, mask=mask)
         for block in self.layers:
             x = block(
                 x,

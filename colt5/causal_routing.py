@@ -41,8 +41,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from colt5 import validation
 from colt5.kernels.route_causal import assign_slots, pad_windows, route_causal, soft_top_k_offset, window_weights
-from colt5.routers import CoordinateDescentRouter, RouterReturn, check_num_tokens, check_tokens, gather_tokens
+from colt5.routers import CoordinateDescentRouter, RouterReturn, gather_tokens
 
 __all__ = ["CausalCoordinateDescentRouter", "soft_top_k_offset"]
 
@@ -78,7 +79,7 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
         # C=8: slots used 78% / 91% / 99% at ratio 9/8 / 1.5 / 2; mean within-window percentile
         # of the picks 0.963 / 0.955 / 0.942 (an oracle top-C: 0.972).
         super().__init__(dim, fetch_k_ratio=fetch_k_ratio, **kwargs)
-        check_num_tokens(window_size, "window_size")
+        validation.positive_int("window_size", window_size)
         self.window_size = window_size
 
     def forward(
@@ -93,13 +94,17 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
         scores: Tensor | None = None,
     ) -> RouterReturn:
         """scores: this router's scores of x [b, r, n] if already computed (`norm_and_scores`)."""
-        check_tokens(x, self.dim, mask)
-        check_num_tokens(num_tokens)
+        validation.tokens(x, self.dim, mask=mask)
+        validation.positive_int("num_tokens", num_tokens)
         W = self.window_size
         if num_tokens > W:
             raise ValueError(f"num_tokens (capacity per routing window) must be <= window_size={W}, got {num_tokens}")
         b, n, d = x.shape
         r, C = self.num_routing_tokens, num_tokens
+        if n == 0:  # no window, no slot: empty in, empty out
+            indices = torch.zeros(b, r, 0, dtype=torch.long, device=x.device)
+            weights = x.new_zeros(b, r, 0, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+            return self._slots(x, indices, weights, indices.bool(), keep_one_route_dim)
 
         scores = self._checked_score(x, routing_tokens) if scores is None else scores  # [b, r, n]
         if random_route or type(self)._window_weights is not CausalCoordinateDescentRouter._window_weights:
@@ -112,10 +117,18 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
                 straight_through=self.straight_through, backend=self.backend,
             )
 
+        return self._slots(x, indices, weights, slot_mask, keep_one_route_dim)
+
+    def _slots(self, x: Tensor, indices: Tensor, weights: Tensor, slot_mask: Tensor, keep_one_route_dim: bool) -> RouterReturn:
         routed_tokens = gather_tokens(x, indices)  # [b, r, k, d]
-        if r == 1 and not keep_one_route_dim:
+        if self.num_routing_tokens == 1 and not keep_one_route_dim:
             return RouterReturn(indices[:, 0], weights[:, 0], routed_tokens[:, 0], slot_mask[:, 0])
         return RouterReturn(indices, weights, routed_tokens, slot_mask)
+
+    def _stat_rows(self, scores: Tensor, mask: Tensor | None, num_tokens: int) -> tuple[Tensor, Tensor, float, int]:
+        """`routing_stats`' rows: the routing windows, each with its own soft top-k (k' per window)."""
+        s, real = pad_windows(scores, mask, self.window_size)
+        return s, real, self._window_k(num_tokens), num_tokens
 
     def _window_k(self, C: int) -> float:
         """The soft top-k target of each window: k' = C * fetch_k_ratio candidates, at most W."""

@@ -19,24 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from colt5 import validation
 from colt5.heavy_attention import RoutedAttention
 from colt5.precision import to_autocast_dtype
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
+from colt5.routers import CoordinateDescentRouter, RouterFactory, layer_router_kwargs, make_router
 
 __all__ = ["ConditionalRoutedCrossAttention"]
-
-
-def _check_bool_mask(mask: Tensor | None, shape: tuple[int, ...], name: str, of: str) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor [batch, seq], got {getattr(mask, 'dtype', type(mask).__name__)}")
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} (batch, seq of {of}), got {tuple(mask.shape)}")
-
 
 
 class ConditionalRoutedCrossAttention(nn.Module):
@@ -49,17 +39,24 @@ class ConditionalRoutedCrossAttention(nn.Module):
             route_block_size the context is routed per block and the total is rounded up to a
             multiple of the number of blocks.
         dim_head, heads: the attention's head size and head count.
-        router_straight_through, router_kwargs, use_triton: passed to both routers
-            (`CoordinateDescentRouter`); router_kwargs wins over the named ones.
+        router_straight_through, router_kwargs, use_triton: passed to both routers;
+            router_kwargs wins over the named ones.
         kv_routing_tokens: key-value routes r; each picks its own memories for heads // r heads.
         multiply_keys_by_score: also scale keys (not only values) by the kv scores.
         use_null_q_tokens: unrouted queries output a learned null token (else zeros).
         use_flash_attn: accepted for compatibility; SDPA picks its kernel (flash where eligible).
         route_block_size: route the context in blocks of this many memories.
         dim_context: width c of the context (default dim).
+        router_class: makes both routers, `router_class(dim, **settings)` for the queries and
+            `router_class(dim_context, num_routing_tokens=kv_routing_tokens,
+            route_block_size=route_block_size, **settings)` for the context: a
+            `colt5.routers.Router` subclass or any callable returning one (default
+            `CoordinateDescentRouter`).
 
     forward(x [b, n, d], context [b, m, c], *, num_tokens_q=None, num_tokens_kv=None,
-    mask=None [b, n] bool, context_mask=None [b, m] bool; True = real) -> [b, n, d].
+    mask=None [b, n] bool, context_mask=None [b, m] bool; True = real) -> [b, n, d]. Raises
+    TypeError / ValueError naming the argument for bad shapes or masks, and for an x or context
+    on another device or of another dtype than the layer (autocast's fp32/fp16/bf16 aside).
     """
 
     def __init__(
@@ -79,6 +76,7 @@ class ConditionalRoutedCrossAttention(nn.Module):
         use_flash_attn: bool | None = None,
         route_block_size: int | None = None,
         dim_context: int | None = None,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
         super().__init__()
         dim_context = dim if dim_context is None else dim_context
@@ -91,11 +89,11 @@ class ConditionalRoutedCrossAttention(nn.Module):
             ("heads", heads),
             ("kv_routing_tokens", kv_routing_tokens),
         ):
-            check_num_tokens(value, name)
+            validation.positive_int(name, value)
         if heads % kv_routing_tokens != 0:
             raise ValueError(f"heads ({heads}) must be divisible by kv_routing_tokens ({kv_routing_tokens})")
         if route_block_size is not None:
-            check_num_tokens(route_block_size, "route_block_size")
+            validation.positive_int("route_block_size", route_block_size)
 
         self.dim, self.dim_context = dim, dim_context
         self.num_tokens_q, self.num_tokens_kv = num_tokens_q, num_tokens_kv
@@ -104,9 +102,9 @@ class ConditionalRoutedCrossAttention(nn.Module):
         self.use_flash_attn = use_flash_attn
 
         shared = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
-        self.q_router = CoordinateDescentRouter(dim, **shared)
-        self.kv_router = CoordinateDescentRouter(
-            dim_context,
+        self.q_router = make_router(router_class, dim, name="q_router", **shared)
+        self.kv_router = make_router(
+            router_class, dim_context, name="kv_router",
             **{**shared, "num_routing_tokens": kv_routing_tokens, "route_block_size": route_block_size},
         )
 
@@ -128,16 +126,18 @@ class ConditionalRoutedCrossAttention(nn.Module):
         mask: Tensor | None = None,
         context_mask: Tensor | None = None,
     ) -> Tensor:
-        check_tokens(x, self.dim, None, "x")
-        check_tokens(context, self.dim_context, None, "context")
+        validation.tokens(x, self.dim, "x")
+        validation.tokens(context, self.dim_context, "context")
         if context.shape[0] != x.shape[0]:
             raise ValueError(f"context must have batch {x.shape[0]} (that of x), got {context.shape[0]}")
-        _check_bool_mask(mask, tuple(x.shape[:2]), "mask", "x")
-        _check_bool_mask(context_mask, tuple(context.shape[:2]), "context_mask", "context")
+        validation.bool_mask(mask, tuple(x.shape[:2]), "mask", of="x", device=x.device)
+        validation.bool_mask(context_mask, tuple(context.shape[:2]), "context_mask", of="context", device=context.device)
+        validation.matches_module(x, self, "x")
+        validation.matches_module(context, self, "context")
         num_tokens_q = self.num_tokens_q if num_tokens_q is None else num_tokens_q
         num_tokens_kv = self.num_tokens_kv if num_tokens_kv is None else num_tokens_kv
-        check_num_tokens(num_tokens_q, "num_tokens_q")
-        check_num_tokens(num_tokens_kv, "num_tokens_kv")
+        validation.positive_int("num_tokens_q", num_tokens_q)
+        validation.positive_int("num_tokens_kv", num_tokens_kv)
 
         q = self.q_router(x, num_tokens=num_tokens_q, mask=mask)
         kv = self.kv_router(context, num_tokens=num_tokens_kv, mask=context_mask, keep_one_route_dim=True)

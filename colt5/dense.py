@@ -14,28 +14,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from colt5 import validation
+
 __all__ = ["DenseAttention", "DenseFeedForward", "DenseTransformerBlock", "DenseTransformer"]
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_input(x: object, dim: int, mask: object = None) -> None:
-    """Validate a [b, n, d] float input and an optional [b, n] bool mask (True = real token)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 3 or x.shape[-1] != dim:
-        raise ValueError(f"x must have shape [batch, seq, {dim}], got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be floating point, got {x.dtype}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-        if tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"mask must have shape {tuple(x.shape[:2])} (batch, seq), got {tuple(mask.shape)}")
 
 
 class DenseAttention(nn.Module):
@@ -43,9 +24,9 @@ class DenseAttention(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        self.heads = _check_positive_int("heads", heads)
-        _check_positive_int("dim_head", dim_head)
+        validation.positive_int("dim", dim)
+        self.heads = validation.positive_int("heads", heads)
+        validation.positive_int("dim_head", dim_head)
         self.causal = bool(causal)
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
@@ -72,9 +53,7 @@ class DenseFeedForward(nn.Module):
 
     def __init__(self, dim: int, *, ff_mult: float = 4) -> None:
         super().__init__()
-        if not isinstance(ff_mult, (int, float)) or isinstance(ff_mult, bool) or ff_mult <= 0:
-            raise ValueError(f"ff_mult must be a positive number, got {ff_mult!r}")
-        hidden = max(1, int(dim * ff_mult))
+        hidden = max(1, int(dim * validation.positive_number("ff_mult", ff_mult)))
         self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -86,12 +65,12 @@ class DenseTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, causal: bool = False) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
+        self.dim = validation.positive_int("dim", dim)
         self.attn = DenseAttention(dim, heads=heads, dim_head=dim_head, causal=causal)
         self.ff = DenseFeedForward(dim, ff_mult=ff_mult)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim, mask)
+        validation.layer_input(x, self, mask=mask)
         x = x + self.attn(x, mask)
         return x + self.ff(x)
 
@@ -103,15 +82,15 @@ class DenseTransformer(nn.Module):
         self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, causal: bool = False
     ) -> None:
         super().__init__()
-        self.dim = _check_positive_int("dim", dim)
-        _check_positive_int("depth", depth)
+        self.dim = validation.positive_int("dim", dim)
+        validation.positive_int("depth", depth)
         self.causal = bool(causal)
         self.layers = nn.ModuleList(
             DenseTransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, causal=causal) for _ in range(depth)
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        check_input(x, self.dim, mask)
+        validation.layer_input(x, self, mask=mask)
         for layer in self.layers:
             # Call the sublayers directly: the input was validated once above.
             x = x + layer.attn(x, mask)

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs, norm_and_scores, scatter_back
+from colt5 import validation
+from colt5.routers import (
+    CoordinateDescentRouter,
+    RouterFactory,
+    RouterStats,
+    layer_router_kwargs,
+    make_router,
+    norm_and_scores,
+    scatter_back,
+)
 
 __all__ = ["FeedForward", "ConditionalRoutedFeedForward"]
 
 
 def _hidden_dim(dim: int, mult: float, name: str = "mult") -> int:
-    if not mult > 0:
-        raise ValueError(f"{name} must be > 0, got {mult}")
-    return max(1, int(dim * mult))
+    return max(1, int(dim * validation.positive_number(name, mult)))
 
 
 class FeedForward(nn.Module):
@@ -30,8 +37,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: float = 4):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        validation.positive_int("dim", dim)
         hidden = _hidden_dim(dim, mult)
         self.dim, self.mult = dim, mult
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
@@ -56,12 +62,15 @@ class ConditionalRoutedFeedForward(nn.Module):
             the heavy FF with weight 1 (no routing).
         light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (CoLT5: 1/2 and 4).
         router_straight_through: the soft weights are 1 in the forward, soft in the backward.
-        router_kwargs: extra `CoordinateDescentRouter` arguments (n_iters, eps, fetch_k_ratio,
-            cosine_sim_routing, route_block_size, ...).
+        router_kwargs: extra router arguments (for `CoordinateDescentRouter`: n_iters, eps,
+            fetch_k_ratio, cosine_sim_routing, route_block_size, ...).
         use_triton: True / False force the Triton / reference soft top-k; None picks by device.
+        router_class: makes the router, `router_class(dim, straight_through=..., use_triton=...,
+            **router_kwargs)`: a `colt5.routers.Router` subclass (e.g. with its own `score`) or
+            any callable returning one, with one route.
 
-    `self.router` may be replaced by any `colt5.routers.Router` (e.g. a subclass with its own
-    `score`) with one route.
+    forward raises TypeError / ValueError naming the argument for a bad x or mask, and for an
+    x on another device or of another dtype than the layer (autocast's fp32/fp16/bf16 aside).
     """
 
     def __init__(
@@ -74,24 +83,25 @@ class ConditionalRoutedFeedForward(nn.Module):
         router_straight_through: bool = True,
         router_kwargs: dict | None = None,
         use_triton: bool | None = None,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
         super().__init__()
-        check_num_tokens(dim, "dim")
-        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+        validation.positive_int("dim", dim)
+        validation.positive_int("num_heavy_tokens", num_heavy_tokens)
         self.dim = dim
         self.num_heavy_tokens = num_heavy_tokens
         self.norm = nn.LayerNorm(dim)
         self.light_ff = FeedForward(dim, light_ff_mult)
         self.heavy_ff = FeedForward(dim, heavy_ff_mult)
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
-        self.router = CoordinateDescentRouter(dim, **kwargs)
+        self.router = make_router(router_class, dim, **kwargs)
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None, *, residual: Tensor | None = None
     ) -> Tensor:
-        check_tokens(x, self.dim, mask)
+        validation.layer_input(x, self, mask=mask)
         num_heavy_tokens = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
-        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+        validation.positive_int("num_heavy_tokens", num_heavy_tokens)
 
         x, scores = norm_and_scores(self.norm, x, [self.router])
         light = self.light_ff(x)
@@ -101,3 +111,10 @@ class ConditionalRoutedFeedForward(nn.Module):
         if residual is not None:
             return scatter_back(residual, heavy, indices, light=light, weights=scores, real=routed_mask)
         return scatter_back(light, heavy, indices, weights=scores, real=routed_mask)
+
+    def routing_stats(self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None) -> RouterStats:
+        """How far the router's soft top-k gets on x [b, n, d] (`Router.routing_stats`, on the
+        normalised x the router sees): weights, and their sum per row against k'."""
+        validation.layer_input(x, self, mask=mask)
+        num = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
+        return self.router.routing_stats(self.norm(x), num_tokens=num, mask=mask)

@@ -38,13 +38,15 @@ class RoutedAttention(nn.Module):
     """Heavy attention between routed queries and routed key-values, with the scatter back.
 
     forward(base [b, n, d], q: RouterReturn over x, kv: RouterReturn with the route dim kept
-    (tokens [b, r, j, c]), *, causal=False, window_slots=None, light=None) -> base (+ light, the
-    light branch's output) with the heavy output added at the routed queries' positions and the
-    null output (if any) everywhere else.
+    (tokens [b, r, j, c]), *, causal=False, window_slots=None, kv_span=None, light=None) -> base
+    (+ light, the light branch's output) with the heavy output added at the routed queries'
+    positions and the null output (if any) everywhere else.
 
     causal: key j is visible to query i only if its original position is <= the query's (the
     routers' indices are the positions). window_slots=(Cq, Ckv): the causal routers' slots come
     in window order, Cq query and Ckv key slots per window (lets the kernel skip key blocks).
+    kv_span=K (with window_slots): each query window sees only the K most recent key slots up
+    to its own window's last (`colt5.kernels.flash_attention.attention`'s kv_span).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class RoutedAttention(nn.Module):
         *,
         causal: bool = False,
         window_slots: tuple[int, int] | None = None,
+        kv_span: int | None = None,
         light: Tensor | None = None,
     ) -> Tensor:
         b, n, _ = base.shape
@@ -128,6 +131,7 @@ class RoutedAttention(nn.Module):
             kv_pos=kv_pos if causal else None,
             q_window_slots=window_slots[0] if window_slots else None,
             kv_window_slots=window_slots[1] if window_slots else None,
+            kv_span=kv_span,
         )
         heavy = self.to_out(out.reshape(b, i, h * dh))  # [b, i, d]
         return scatter_back(base, heavy, q.indices, light=light, weights=q.scores, real=q.routed_mask, null=self.null_q_token)

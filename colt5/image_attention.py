@@ -17,23 +17,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from colt5 import validation
 from colt5.attention import ConditionalRoutedAttention
-from colt5.routers import check_num_tokens
+from colt5.routers import CoordinateDescentRouter, RouterFactory
 
 __all__ = ["ConditionalRoutedImageAttention", "WindowAttention"]
-
-
-def check_feature_map(x: Tensor, dim: int, channel_first: bool, name: str = "x") -> None:
-    layout = "[batch, dim, height, width]" if channel_first else "[batch, height, width, dim]"
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape {layout}, got rank {x.dim()} {tuple(x.shape)}")
-    channels = x.shape[1] if channel_first else x.shape[-1]
-    if channels != dim:
-        raise ValueError(f"{name} must have {dim} channels ({layout}, channel_first={channel_first}), got {channels}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
 
 class WindowAttention(nn.Module):
@@ -45,7 +33,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, *, window_size: int, dim_head: int = 64, heads: int = 8):
         super().__init__()
         for name, value in (("dim", dim), ("window_size", window_size), ("dim_head", dim_head), ("heads", heads)):
-            check_num_tokens(value, name)
+            validation.positive_int(name, value)
         self.window_size, self.heads, self.dim_head = window_size, heads, dim_head
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
@@ -57,6 +45,8 @@ class WindowAttention(nn.Module):
         s = self.window_size
         if H % s or W % s:
             raise ValueError(f"feature map sides must be divisible by the window size {s}, got height {H} and width {W}")
+        if H == 0 or W == 0:  # no window (einops cannot split an empty side): empty in, empty out
+            return self.to_out(x.new_zeros(*x.shape[:3], self.to_out.in_features))
         windows = rearrange(x, "b (x s1) (y s2) d -> (b x y) (s1 s2) d", s1=s, s2=s)
         q, k, v = self.to_qkv(self.norm(windows)).chunk(3, dim=-1)
         q, k, v = (rearrange(t, "B n (h dh) -> B h n dh", h=self.heads) for t in (q, k, v))
@@ -74,7 +64,10 @@ class ConditionalRoutedImageAttention(nn.Module):
     Args: as `ConditionalRoutedAttention` (num_heavy_tokens_q/kv, num_routed_kv, heavy_*,
     router_*, multiply_*_by_score, use_triton, use_null_q_tokens, use_flash_attn), except
     light_window_size, the side of the square windows of the light branch (H and W must be
-    multiples of it; ValueError otherwise), and channel_first.
+    multiples of it; ValueError otherwise), and channel_first; router_class makes the routers
+    (as `ConditionalRoutedAttention`'s). An empty map (H or W of 0) gives an empty update.
+    Raises TypeError / ValueError naming the argument for a bad x, and for an x on another
+    device or of another dtype than the layer (autocast's fp32/fp16/bf16 aside).
     """
 
     def __init__(
@@ -97,9 +90,10 @@ class ConditionalRoutedImageAttention(nn.Module):
         use_null_q_tokens: bool = True,
         use_flash_attn: bool | None = None,
         channel_first: bool = False,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
         super().__init__()
-        check_num_tokens(dim, "dim")
+        validation.positive_int("dim", dim)
         self.dim, self.channel_first = dim, channel_first
         self.light_attn = WindowAttention(dim, window_size=light_window_size, dim_head=light_dim_head, heads=light_heads)
         self.heavy_attn = ConditionalRoutedAttention(
@@ -117,6 +111,7 @@ class ConditionalRoutedImageAttention(nn.Module):
             use_triton=use_triton,
             use_null_q_tokens=use_null_q_tokens,
             use_flash_attn=use_flash_attn,
+            router_class=router_class,
         )
 
     @property
@@ -130,7 +125,8 @@ class ConditionalRoutedImageAttention(nn.Module):
         num_heavy_tokens_q: int | None = None,
         num_heavy_tokens_kv: int | None = None,
     ) -> Tensor:
-        check_feature_map(x, self.dim, self.channel_first)
+        validation.feature_map(x, self.dim, self.channel_first)
+        validation.matches_module(x, self)
         if self.channel_first:
             x = rearrange(x, "b d h w -> b h w d")
         _, H, W, _ = x.shape

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from colt5 import validation
 from colt5.dense import DenseTransformer
 
 __all__ = ["CoLT5LanguageModel", "build_backbone"]
@@ -36,12 +37,6 @@ def build_backbone(dim: int, *, depth: int, dense: bool, **kwargs) -> nn.Module:
     from colt5.autoregressive import ConditionalRoutedAutoregressiveTransformer
 
     return ConditionalRoutedAutoregressiveTransformer(dim, depth=depth, **kwargs)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class CoLT5LanguageModel(nn.Module):
@@ -62,9 +57,12 @@ class CoLT5LanguageModel(nn.Module):
         loss = model.loss(batch)                    # batch [b, 1025] long bytes
         text = model.generate(prompt, length=100, top_k=32)
 
-    forward(tokens [b, n] long) -> logits [b, n, V] (float; bf16 under autocast).
-    loss(tokens [b, n + 1] long) -> mean next-token cross entropy in nats (float32 scalar).
-    generate(prompt, *, length, ...) -> sampled continuation.
+    forward(tokens [b, n] long) -> logits [b, n, V] (float; bf16 under autocast); empty in
+    (b or n of 0), empty out.
+    loss(tokens [b, n + 1] long, b >= 1, n >= 1) -> mean next-token cross entropy in nats
+    (float32 scalar).
+    generate(prompt, *, length, ...) -> sampled continuation (a prompt of 0 sequences gives 0).
+    Tokens must be on the model's device (ValueError naming the argument otherwise).
     """
 
     def __init__(
@@ -78,10 +76,10 @@ class CoLT5LanguageModel(nn.Module):
         **backbone_kwargs,
     ) -> None:
         super().__init__()
-        self.num_tokens = _positive_int("num_tokens", num_tokens)
-        self.dim = _positive_int("dim", dim)
-        self.depth = _positive_int("depth", depth)
-        self.max_seq_len = _positive_int("max_seq_len", max_seq_len)
+        self.num_tokens = validation.positive_int("num_tokens", num_tokens)
+        self.dim = validation.positive_int("dim", dim)
+        self.depth = validation.positive_int("depth", depth)
+        self.max_seq_len = validation.positive_int("max_seq_len", max_seq_len)
         self.dense = bool(dense)
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
@@ -93,20 +91,25 @@ class CoLT5LanguageModel(nn.Module):
         nn.init.normal_(self.pos_emb.weight, std=0.02)
 
     # ---- validation -------------------------------------------------------------------------
-    def _check_tokens(self, tokens: object, name: str, max_len: int | None) -> Tensor:
+    def _check_tokens(
+        self, tokens: object, name: str, max_len: int | None, *, min_len: int = 0, min_batch: int = 0, why: str = ""
+    ) -> Tensor:
         if not isinstance(tokens, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tokens).__name__}")
         if tokens.dtype != torch.long:
             raise TypeError(f"{name} must have dtype torch.long, got {tokens.dtype}")
         if tokens.ndim != 2:
             raise ValueError(f"{name} must have shape [batch, seq], got {tuple(tokens.shape)}")
-        if tokens.shape[1] < 1 or tokens.shape[0] < 1:
-            raise ValueError(f"{name} must be non-empty, got shape {tuple(tokens.shape)}")
+        if tokens.shape[1] < min_len:
+            raise ValueError(f"{name} must have at least {min_len} positions{why}, got shape {tuple(tokens.shape)}")
+        if tokens.shape[0] < min_batch:
+            raise ValueError(f"{name} must hold at least {min_batch} sequence{why}, got shape {tuple(tokens.shape)}")
         if max_len is not None and tokens.shape[1] > max_len:
             raise ValueError(f"{name} has length {tokens.shape[1]} > {max_len} (max_seq_len={self.max_seq_len})")
+        validation.matches_module(tokens, self, name, dtype=False)
         # The range check reads values back to the host, so it only runs on CPU tensors (free
         # there); on accelerators it would be a sync per call. Data from colt5.data is in range.
-        if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if tokens.device.type == "cpu" and tokens.numel() and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.num_tokens:
                 raise ValueError(f"{name} values must lie in [0, {self.num_tokens}), got min {lo}, max {hi}")
@@ -128,9 +131,7 @@ class CoLT5LanguageModel(nn.Module):
 
         Divide by ln 2 for bits per byte.
         """
-        self._check_tokens(tokens, "tokens", self.max_seq_len + 1)
-        if tokens.shape[1] < 2:
-            raise ValueError(f"tokens must have at least 2 positions for a next-token loss, got {tokens.shape[1]}")
+        self._check_tokens(tokens, "tokens", self.max_seq_len + 1, min_len=2, min_batch=1, why=" for a next-token loss")
         logits = self._logits(tokens[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
@@ -156,14 +157,16 @@ class CoLT5LanguageModel(nn.Module):
         squeeze = prompt.ndim == 1
         prompt = prompt[None] if squeeze else prompt
         # The prompt may be longer than the context window; only its tail is used.
-        self._check_tokens(prompt, "prompt", None)
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-            raise ValueError(f"length must be a non-negative int, got {length!r}")
+        self._check_tokens(prompt, "prompt", None, min_len=1, why=" to continue")
+        validation.int_at_least("length", length, 0)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.num_tokens):
             raise ValueError(f"top_k must be None or an int in [1, {self.num_tokens}], got {top_k!r}")
 
+        if prompt.shape[0] == 0:
+            out = prompt.new_empty(0, length)
+            return out[0] if squeeze else out
         was_training = self.training
         self.eval()
         try:

@@ -309,8 +309,13 @@ def local_attention(
             raise ValueError(f"backend='triton' needs v's head dim equal to q's ({q.shape[-1]}), got {v.shape[-1]}")
         qkv = torch.stack((q, k, v), dim=2).permute(0, 3, 2, 1, 4)  # [b, n, 3, h, d], a view of the stack
         return local_attention_packed(qkv, backend="triton", **kwargs).transpose(1, 2)
-    fn = local_attention_flex if backend == "flex" else local_attention_reference
-    return fn(q, k, v, **kwargs)
+    if backend == "flex":
+        return local_attention_flex(q, k, v, **kwargs)
+    # The reference pads q, k, v to whole windows and views them as tiles. A zero pad keeps a
+    # non-contiguous input's strides where torch.compile's dynamic-shape meta assumes a
+    # contiguous result, so with n a multiple of the window the view failed at run time ("view
+    # size is not compatible", torch 2.13). Contiguous inputs make both agree.
+    return local_attention_reference(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from colt5 import validation
 from colt5.feedforward import FeedForward, _hidden_dim
 from colt5.precision import to_autocast_dtype
-from colt5.routers import CoordinateDescentRouter, check_num_tokens, check_tokens, layer_router_kwargs
+from colt5.routers import CoordinateDescentRouter, RouterFactory, RouterStats, layer_router_kwargs, make_router, scatter_back
 
 __all__ = ["ConditionalRoutedMoEFeedForward", "ExpertLoad", "expert_load"]
 
@@ -60,9 +61,12 @@ class ConditionalRoutedMoEFeedForward(nn.Module):
     residual. One LayerNorm feeds the light branch, the router and the experts.
 
     forward(x [b, n, d], mask=None [b, n] bool, num_heavy_tokens=None, return_load=False) -> y
-    [b, n, d], or (y, ExpertLoad) with return_load=True. One `CoordinateDescentRouter` with
-    num_routing_tokens=num_experts scores all experts in one matmul. When n <= capacity, every
-    expert takes every token with weight 1.
+    [b, n, d], or (y, ExpertLoad) with return_load=True. One router with
+    num_routing_tokens=num_experts scores all experts in one matmul: `router_class(dim,
+    num_routing_tokens=num_experts, straight_through=..., use_triton=..., **router_kwargs)`, a
+    `colt5.routers.Router` subclass or any callable returning one (default
+    `CoordinateDescentRouter`). When n <= capacity, every expert takes every token with weight 1.
+    `routing_stats(x)` reports how far each expert's soft top-k got (`RouterStats`).
     """
 
     def __init__(
@@ -76,16 +80,17 @@ class ConditionalRoutedMoEFeedForward(nn.Module):
         router_straight_through: bool = True,
         router_kwargs: dict | None = None,
         use_triton: bool | None = None,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
         super().__init__()
-        check_num_tokens(dim, "dim")
-        check_num_tokens(num_experts, "num_experts")
-        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+        validation.positive_int("dim", dim)
+        validation.positive_int("num_experts", num_experts)
+        validation.positive_int("num_heavy_tokens", num_heavy_tokens)
         self.dim, self.num_experts, self.num_heavy_tokens = dim, num_experts, num_heavy_tokens
         self.norm = nn.LayerNorm(dim)
         self.light_ff = FeedForward(dim, light_ff_mult)
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens"), straight_through=router_straight_through, use_triton=use_triton)
-        self.router = CoordinateDescentRouter(dim, num_routing_tokens=num_experts, **kwargs)
+        self.router = make_router(router_class, dim, num_routing_tokens=num_experts, **kwargs)
 
         hidden = _hidden_dim(dim, heavy_ff_mult, "heavy_ff_mult")
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -108,9 +113,9 @@ class ConditionalRoutedMoEFeedForward(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None, return_load: bool = False
     ) -> Tensor | tuple[Tensor, ExpertLoad]:
-        check_tokens(x, self.dim, mask)
+        validation.layer_input(x, self, mask=mask)
         num_heavy_tokens = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
-        check_num_tokens(num_heavy_tokens, "num_heavy_tokens")
+        validation.positive_int("num_heavy_tokens", num_heavy_tokens)
         b, n, _ = x.shape
 
         x = to_autocast_dtype(self.norm(x))  # see colt5.precision
@@ -119,7 +124,14 @@ class ConditionalRoutedMoEFeedForward(nn.Module):
         heavy = self.experts(routed)
         if scores is not None:
             heavy = heavy * scores.unsqueeze(-1).to(heavy.dtype)
-        out = self.router.route_back(light, heavy, indices, routed_mask)
+        out = scatter_back(light, heavy, indices, real=routed_mask)  # the router's own picks: no checks
         if not return_load:
             return out
         return out, expert_load(indices, routed_mask, mask, b=b, n=n, e=self.num_experts, device=x.device)
+
+    def routing_stats(self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None) -> RouterStats:
+        """How far each expert's soft top-k gets on x [b, n, d] (`Router.routing_stats` on the
+        normalised x the router sees; the route dim is the expert)."""
+        validation.layer_input(x, self, mask=mask)
+        num = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
+        return self.router.routing_stats(self.norm(x), num_tokens=num, mask=mask)

@@ -16,11 +16,31 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from colt5 import validation
+from colt5.block_options import split_block_options
 from colt5.feedforward import ConditionalRoutedFeedForward
 from colt5.image_attention import ConditionalRoutedImageAttention
-from colt5.routers import check_num_tokens
+from colt5.routers import CoordinateDescentRouter, RouterFactory
 
 __all__ = ["ConditionalRoutedViT"]
+
+# The ViT's argument -> the block option (`colt5.block_options`) it sets.
+_BLOCK_OPTION_OF = {
+    "attn_num_heavy_tokens_q": "num_heavy_attn_tokens_q",
+    "attn_num_heavy_tokens_kv": "num_heavy_attn_tokens_kv",
+    "attn_num_routed_kv": "num_routed_kv",
+    "attn_heavy_dim_head": "heavy_dim_head",
+    "attn_heavy_heads": "heavy_heads",
+    "attn_light_dim_head": "light_dim_head",
+    "attn_light_heads": "light_heads",
+    "attn_light_window_size": "light_window_size",
+    "ff_num_heavy_tokens": "num_heavy_ff_tokens",
+    "ff_heavy_mult": "heavy_ff_mult",
+    "ff_light_mult": "light_ff_mult",
+    "router_kwargs": "router_kwargs",
+    "use_triton": "use_triton",
+    "router_class": "router_class",
+}
 
 
 def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
@@ -28,7 +48,7 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     for side in pair:
-        check_num_tokens(side, name)
+        validation.positive_int(name, side)
     return pair  # type: ignore[return-value]
 
 
@@ -43,6 +63,7 @@ class ConditionalRoutedViT(nn.Module):
             the patch grid must divide into windows).
         ff_num_heavy_tokens, ff_heavy_mult, ff_light_mult: the routed feedforward.
         attn_num_routed_kv, router_kwargs, use_triton: passed to the routed layers.
+        router_class: makes every router (see `ConditionalRoutedFeedForward`).
 
     forward(img [b, channels, H, W]) -> logits [b, num_classes].
     """
@@ -69,14 +90,19 @@ class ConditionalRoutedViT(nn.Module):
         attn_num_routed_kv: int = 1,
         router_kwargs: dict[str, Any] | None = None,
         use_triton: bool | None = None,
+        router_class: RouterFactory = CoordinateDescentRouter,
     ):
+        arguments = locals()
+        attn_kwargs, ff_kwargs = split_block_options(
+            {_BLOCK_OPTION_OF[name]: value for name, value in arguments.items() if name in _BLOCK_OPTION_OF}
+        )
         super().__init__()
         (H, W), (p1, p2) = _pair(image_size, "image_size"), _pair(patch_size, "patch_size")
         if H % p1 or W % p2:
             raise ValueError(f"image_size {(H, W)} must be divisible by patch_size {(p1, p2)}")
         for name, value in (("num_classes", num_classes), ("dim", dim), ("depth", depth), ("channels", channels)):
-            check_num_tokens(value, name)
-        check_num_tokens(attn_light_window_size, "attn_light_window_size")
+            validation.positive_int(name, value)
+        validation.positive_int("attn_light_window_size", attn_light_window_size)
         h, w = H // p1, W // p2
         if h % attn_light_window_size or w % attn_light_window_size:
             raise ValueError(
@@ -93,27 +119,8 @@ class ConditionalRoutedViT(nn.Module):
 
         self.layers = nn.ModuleList()
         for _ in range(depth):
-            attn = ConditionalRoutedImageAttention(
-                dim,
-                num_heavy_tokens_q=attn_num_heavy_tokens_q,
-                num_heavy_tokens_kv=attn_num_heavy_tokens_kv,
-                num_routed_kv=attn_num_routed_kv,
-                light_dim_head=attn_light_dim_head,
-                light_heads=attn_light_heads,
-                light_window_size=attn_light_window_size,
-                heavy_dim_head=attn_heavy_dim_head,
-                heavy_heads=attn_heavy_heads,
-                router_kwargs=router_kwargs,
-                use_triton=use_triton,
-            )
-            ff = ConditionalRoutedFeedForward(
-                dim,
-                num_heavy_tokens=ff_num_heavy_tokens,
-                light_ff_mult=ff_light_mult,
-                heavy_ff_mult=ff_heavy_mult,
-                router_kwargs=router_kwargs,
-                use_triton=use_triton,
-            )
+            attn = ConditionalRoutedImageAttention(dim, **attn_kwargs)
+            ff = ConditionalRoutedFeedForward(dim, **ff_kwargs)
             self.layers.append(nn.ModuleList([attn, ff]))
 
         self.norm = nn.LayerNorm(dim)
@@ -127,6 +134,7 @@ class ConditionalRoutedViT(nn.Module):
             raise ValueError(f"img must have shape [batch, {', '.join(map(str, expected))}], got {tuple(img.shape)}")
         if not img.is_floating_point():
             raise TypeError(f"img must be floating point, got {img.dtype}")
+        validation.matches_module(img, self, "img")
 
         p1, p2 = self.patch_size
         patches = rearrange(img, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=p1, p2=p2)

@@ -1,12 +1,16 @@
 """Argument checks shared by every coordinate-descent entry point.
 
 They run once, at the public boundary, and raise `TypeError`/`ValueError` naming the argument,
-the value received and what was expected. Checks that would read tensor values (per-row `k`)
-are skipped while `torch.compile` traces, since they would force a host synchronisation.
+the value received and what was expected. Only a per-row `k` tensor has values to check (finite
+and > 0 in every row): eagerly that reads it back to the host (one sync on CUDA, skipped while a
+CUDA graph is being captured: a replay runs no Python anyway); under `torch.compile` the check
+is a custom op in the graph (`colt5::checked_k`, `checked_k`) that runs when the compiled code
+does, so it costs neither a graph break nor, for a numeric k, anything at all.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -49,6 +53,8 @@ def check_mask(mask: Tensor | None, s: Tensor) -> None:
 
 
 def check_k(k: float | Tensor, s: Tensor) -> None:
+    """k: a finite number > 0, or a real tensor of shape s.shape[:-1] (its values are checked
+    here in eager mode, by `checked_k` under torch.compile)."""
     if isinstance(k, Tensor):
         if k.shape != s.shape[:-1]:
             raise ValueError(
@@ -56,13 +62,52 @@ def check_k(k: float | Tensor, s: Tensor) -> None:
             )
         if k.dtype == torch.bool or k.is_complex():
             raise TypeError(f"k must be a real number or a real tensor, got dtype {k.dtype}")
-        if not _is_compiling() and bool((k <= 0).any()):
-            raise ValueError("k must be > 0 in every row, got a tensor with values <= 0")
+        if not _is_compiling():
+            check_k_values(k)
         return
     if not _is_real(k):
         raise TypeError(f"k must be a positive number or a tensor of shape s.shape[:-1], got {type(k).__name__}")
-    if not k > 0:
-        raise ValueError(f"k must be > 0, got {k}")
+    if not 0 < k < math.inf:  # comparisons, not math.isfinite: they trace (as guards) under torch.compile
+        raise ValueError(f"k must be a finite number > 0, got {k}")
+
+
+def check_k_values(k: Tensor) -> None:
+    """Every row's k is finite and > 0 (NaN, inf and k <= 0 would give a NaN row from the
+    reference and a row of ones from the kernels). Reads k on the host: a sync on CUDA, skipped
+    while a CUDA graph is being captured."""
+    if k.numel() == 0 or (k.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    bad = ~(torch.isfinite(k) & (k > 0))
+    if bool(bad.any()):
+        flat = bad.reshape(-1)
+        row = int(flat.nonzero()[0])
+        raise ValueError(
+            f"k must be finite and > 0 in every row, got {k.reshape(-1)[row].item()} at row {row} "
+            f"({int(flat.sum())} of {flat.numel()} rows NaN, inf or <= 0)"
+        )
+
+
+@torch.library.custom_op("colt5::checked_k", mutates_args=())
+def _checked_k_op(k: Tensor) -> Tensor:
+    check_k_values(k)
+    return k.clone()
+
+
+@_checked_k_op.register_fake
+def _(k):
+    return torch.empty_like(k)
+
+
+_checked_k_op.register_autograd(lambda ctx, grad: grad, setup_context=lambda ctx, inputs, output: None)
+
+
+def checked_k(k: float | Tensor) -> float | Tensor:
+    """k for the computation: itself in eager mode (`check_k` read it); under torch.compile a
+    tensor k goes through `colt5::checked_k`, an op of the compiled graph that checks its values
+    when the graph runs and returns a copy (an op whose output is used is never dropped)."""
+    if isinstance(k, Tensor) and _is_compiling():
+        return _checked_k_op(k)
+    return k
 
 
 def check_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: float) -> None:
@@ -75,10 +120,11 @@ def check_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: 
             continue
         if not _is_real(value):
             raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if eps_init is not None and not eps_init > 0:
-        raise ValueError(f"eps_init must be > 0 or None, got {eps_init}")
+    # an infinite epsilon makes every iteration inf / inf: all-NaN weights
+    if not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    if eps_init is not None and not 0 < eps_init < math.inf:
+        raise ValueError(f"eps_init must be a finite number > 0 or None, got {eps_init}")
     if not 0 < eps_decay <= 1:
         raise ValueError(f"eps_decay must be in (0, 1], got {eps_decay}")
 

@@ -14,7 +14,8 @@ gradients in the inputs' layouts (the local one as a single dqkv tensor).
 
 Visibility of key j to query i: j in range and kv_mask[j], then per mode
   heavy  kv_pos[j] <= q_pos[i] when positions are given; with window slots also
-         j // Ckv <= i // Cq (no key of a later window);
+         j // Ckv <= i // Cq (no key of a later window), and with a span K also
+         j >= (i // Cq + 1) * Ckv - K (the K most recent key slots up to the query's window);
   local  key window within [-look_backward, look_forward] of the query's; causal j <= i;
          exact_windowsize i - j <= w * look_backward (and, non-causal, j - i <= w * look_forward).
 Each program of the forward and of the dq kernel loops only over the key blocks its rows may
@@ -26,11 +27,23 @@ its initial state (m = q . null_k * scale, l = 1, acc = null_v), so it is never 
 A query with nothing visible gets 0 and an lse of +inf, which zeroes its probabilities, so its
 gradients are 0 too.
 
-NaN/inf safety: scores, probabilities and ds of invisible pairs are selected away with
-tl.where, never multiplied by a mask; key rows that no query of the program's block can see
-(masked, out of range, past the block's last position or window) are zeroed before every dot
-that contracts over keys. A key visible to some query of a block is a real input: if it holds
-NaN, it may reach the other queries of that block too (0 * NaN in p @ v).
+NaN/inf safety, exact per query: an output depends only on its own q and the keys it may see.
+A query whose q, or a visible key's k or value (times kv_scale), holds a NaN or inf outputs NaN,
+a constant: no gradient goes back through it. Scores, probabilities and ds of invisible pairs
+are selected away with tl.where, never multiplied by a mask, and no non-finite entry is an
+operand of a dot that contracts over the other side's rows (p @ v, ds @ k, p^T @ do, ds^T @ q),
+where 0 * NaN would cross from an invisible pair to the visible ones:
+  forward  entries where k or v * kv_scale is not finite are 0 in v and NaN in k, so the key's
+           scores are NaN; a visible NaN (or +inf) score makes l_i NaN (it is at most 1 + j
+           otherwise) and NaN survives every later rescale: that marks the row, o = lse = NaN
+           (also for a non-finite q, tested once per row).
+  dq       those entries are 0 in both k and v.
+  backward a row with lse NaN is not live: its p, ds and dq are 0, and dk/dv zero its q and do
+           rows (they may hold NaN). A live row's q, o and lse are finite, so an output with a
+           zero cotangent passes back exactly nothing too.
+Cost: per key tile of the forward and dq kernels abs, compare and select on the k and v tiles
+(already in registers for the mask); per query tile of dk/dv a compare and a select on the q and
+do tiles, which now pass through registers on their way to the dots (not timed on a GPU yet).
 
 Backward, deterministic (no atomics): kernel 1 per query block writes delta = rowsum(do * o),
 dq and per-block partial sums of the null key/value gradients; kernel 2 per key block writes dk,
@@ -99,8 +112,8 @@ def _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg):
 
 
 @triton.jit
-def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-              EXACT: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr):
+def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+              EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr):
     """[lo, hi): the keys some query m0 .. m0 + BLOCK_M - 1 (< n_q) may see (in int64, so a
     large window product cannot wrap)."""
     m0 = m0.to(tl.int64)
@@ -118,12 +131,14 @@ def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl
                 hi = tl.minimum(hi, q_last + w * lf + 1)
     if WINDOWED:
         hi = tl.minimum(hi, (q_last // cq + 1) * ckv)
+        if SPAN:
+            lo = tl.maximum(lo, (m0 // cq + 1) * ckv - span)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
 @triton.jit
-def _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-             EXACT: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+def _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+             EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr):
     """[lo, hi): the queries that may see some key n0 .. n0 + BLOCK_N - 1 (< n_kv)."""
     n0 = n0.to(tl.int64)
     k_last = tl.minimum(n0 + BLOCK_N, n_kv) - 1
@@ -140,13 +155,15 @@ def _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.
                 lo = tl.maximum(lo, n0 - w * lf)
     if WINDOWED:
         lo = tl.maximum(lo, (n0 // ckv) * cq)
+        if SPAN:  # the last query window that reaches back to k_last: (k_last + span) // ckv - 1
+            hi = tl.minimum(hi, ((k_last + span) // ckv) * cq)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
 @triton.jit
-def _visible(qi, kj, q_ok, k_ok, qpos, kpos, w, lb, lf, cq, ckv, LOCAL: tl.constexpr,
+def _visible(qi, kj, q_ok, k_ok, qpos, kpos, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr,
              CAUSAL: tl.constexpr, EXACT: tl.constexpr, CAUSAL_POS: tl.constexpr,
-             WINDOWED: tl.constexpr):
+             WINDOWED: tl.constexpr, SPAN: tl.constexpr):
     """May query qi see key kj? Arguments come shaped to broadcast ([M, 1] and [1, N] or the
     transpose), and so does the answer."""
     vis = q_ok & k_ok
@@ -163,15 +180,22 @@ def _visible(qi, kj, q_ok, k_ok, qpos, kpos, w, lb, lf, cq, ckv, LOCAL: tl.const
         vis = vis & (kpos <= qpos)
     if WINDOWED:
         vis = vis & (kj // ckv <= qi // cq)
+        if SPAN:  # kj >= (qi // cq + 1) * ckv - span, in a form without a large product
+            vis = vis & ((kj + span) // ckv > qi // cq)
     return vis
 
 
 @triton.jit
 def _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, kj, offs_d, s_kj, n_kv, lo, hi, qpos_max,
-               HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr):
+               HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr,
+               SANITIZE: tl.constexpr):
     """Key rows kj [BLOCK_N] of one head -> (k, v, v_eff = v * kv_scale, kv_scale (fp32), ok,
     kpos). ok: some query of the block may see the key (in [lo, hi), unmasked, kv_pos <= the
     block's largest q_pos); k, v, v_eff rows are 0 where not ok, whatever memory holds.
+    SANITIZE (for the kernels that contract over keys: p @ v, ds @ k): v_eff is also 0 at every
+    entry where k or v_eff is not finite, so that 0 * NaN never reaches a query that cannot see
+    the key; k is NaN there (1, the forward: the key's scores turn NaN, and so does the output
+    of every query that may see it) or 0 (2, the dq kernel: such queries have lse NaN already).
     One helper per key block: under the interpreter every @triton.jit call costs ~0.2 ms."""
     ok = (kj >= lo) & (kj < hi)
     if HAS_MASK:
@@ -184,13 +208,27 @@ def _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, kj, offs_d, s_
     k_in = (kj < n_kv)[:, None]
     k = tl.load(K + ptr, mask=k_in, other=0.0)
     v = tl.load(V + ptr, mask=k_in, other=0.0)
-    k = tl.where(ok[:, None], k, tl.zeros_like(k))
-    v = tl.where(ok[:, None], v, tl.zeros_like(v))
     sc = tl.full(kj.shape, 1.0, tl.float32)
-    v_eff = v
     if HAS_SCALE:
         sc = tl.load(KV_SCALE + meta_off + kj, mask=ok, other=0.0).to(tl.float32)
-        v_eff = (v.to(tl.float32) * sc[:, None]).to(v.dtype)
+    if SANITIZE:
+        v_eff = v
+        if HAS_SCALE:
+            v_eff = (v.to(tl.float32) * sc[:, None]).to(v.dtype)
+        fin = (tl.abs(k) < float("inf")) & (tl.abs(v_eff) < float("inf"))
+        keep = ok[:, None] & fin
+        v_eff = tl.where(keep, v_eff, tl.zeros_like(v_eff))
+        if SANITIZE == 1:
+            k = tl.where(ok[:, None], tl.where(fin, k, float("nan")), tl.zeros_like(k))
+        else:
+            k = tl.where(keep, k, tl.zeros_like(k))
+        v = v_eff  # the raw v is not needed where keys are sanitized
+    else:
+        k = tl.where(ok[:, None], k, tl.zeros_like(k))
+        v = tl.where(ok[:, None], v, tl.zeros_like(v))
+        v_eff = v
+        if HAS_SCALE:
+            v_eff = (v.to(tl.float32) * sc[:, None]).to(v.dtype)
     return k, v, v_eff, sc, ok, kpos
 
 
@@ -214,16 +252,18 @@ def _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS: tl.constexpr):
 
 
 @triton.jit
-def _ranges_kernel(OUT, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-                   EXACT: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr,
+def _ranges_kernel(OUT, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+                   EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, FOR_KEYS: tl.constexpr):
     """Test hook: OUT[block] = [lo, hi) of `_kv_range` per query block (FOR_KEYS: of `_q_range`
     per key block), the bounds the kernels loop over."""
     pid = tl.program_id(0)
     if FOR_KEYS:
-        lo, hi = _q_range(pid * BLOCK_N, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_N)
+        lo, hi = _q_range(pid * BLOCK_N, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
+                          BLOCK_N)
     else:
-        lo, hi = _kv_range(pid * BLOCK_M, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_M)
+        lo, hi = _kv_range(pid * BLOCK_M, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
+                           BLOCK_M)
     tl.store(OUT + 2 * pid, lo)
     tl.store(OUT + 2 * pid + 1, hi)
 
@@ -236,11 +276,11 @@ def _ranges_kernel(OUT, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL: tl.constexpr, CAUS
 def _attn_fwd_kernel(
     Q, K, V, NULL, KV_SCALE, KV_MASK, Q_POS, KV_POS, O, LSE,
     s_qb, s_qi, s_qh, s_kb, s_kr, s_kj, s_kg, s_ob, s_oi, s_oh,
-    n_q, n_kv, H, G, R, qk_scale, w, lb, lf, cq, ckv,
+    n_q, n_kv, H, G, R, qk_scale, w, lb, lf, cq, ckv, span,
     HAS_NULL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL_POS: tl.constexpr, WINDOWED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DOT: tl.constexpr,
+    CAUSAL_POS: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr, EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -250,8 +290,9 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q_ok = offs_m < n_q
     q = tl.load(Q + q_off + offs_m[:, None] * s_qi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+    q_bad = tl.max(tl.where(tl.abs(q) < float("inf"), 0, 1), axis=1) > 0  # a non-finite q: NaN out
     qpos, qpos_max = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
-    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_M)
+    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_M)
 
     if HAS_NULL:  # the null key/value is the online softmax's initial state
         nk, nv = _load_null(NULL, h, H, offs_d, HEAD_DIM)
@@ -267,10 +308,11 @@ def _attn_fwd_kernel(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, _v, v_eff, _sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
-                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS)
+                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS, 1)
         s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
         vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
-                       kpos[None, :], w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED)
+                       kpos[None, :], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
+        # NaN scores (a non-finite k or value) stay where visible: they turn l_i NaN below.
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
@@ -280,10 +322,15 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v_eff.dtype).to(DOT), v_eff.to(DOT), input_precision=PRECISION)
         m_i = m_new
 
+    # l_i is NaN (or inf) once a visible score was NaN or +inf (exp2(NaN) and inf - inf are NaN,
+    # and NaN survives every later rescale), never otherwise: it is at most 1 + n_kv.
+    poisoned = q_bad | ~(l_i < float("inf"))
     seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    l_safe = tl.where(seen & ~poisoned, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+    out = tl.where(poisoned[:, None], float("nan"), out)
     lse = tl.where(seen, m_i + tl.log2(l_safe), float("inf"))
+    lse = tl.where(poisoned, float("nan"), lse)  # the backward's mark: this row takes no part
     o_ptr = O + b * s_ob + h * s_oh + offs_m[:, None] * s_oi + offs_d[None, :]
     tl.store(o_ptr, out.to(O.dtype.element_ty), mask=q_ok[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * n_q + offs_m, lse, mask=q_ok)
@@ -294,11 +341,11 @@ def _attn_bwd_dq_kernel(
     Q, K, V, NULL, KV_SCALE, KV_MASK, Q_POS, KV_POS, O, DO, LSE, DELTA, DQ, DNULL,
     s_qb, s_qi, s_qh, s_kb, s_kr, s_kj, s_kg, s_ob, s_oi, s_oh, s_dob, s_doi, s_doh,
     s_dqb, s_dqi, s_dqh,
-    n_q, n_kv, H, G, R, sm_scale, qk_scale, w, lb, lf, cq, ckv,
+    n_q, n_kv, H, G, R, sm_scale, qk_scale, w, lb, lf, cq, ckv, span,
     HAS_NULL: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr,
-    CAUSAL_POS: tl.constexpr, WINDOWED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, DOT: tl.constexpr,
+    CAUSAL_POS: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr, EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -315,18 +362,21 @@ def _attn_bwd_dq_kernel(
     stat = pid_bh.to(tl.int64) * n_q + offs_m
     tl.store(DELTA + stat, delta, mask=q_ok)
     lse = tl.load(LSE + stat, mask=q_ok, other=float("inf"))
+    # Live rows take part in the backward: those whose output is not NaN (lse NaN marks it; a
+    # live row's q, o and lse are finite). The others pass back nothing, whatever they hold.
+    live = q_ok & (lse == lse)
     qpos, qpos_max = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
-    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_M)
+    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_M)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k, _v, v_eff, _sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
-                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS)
+                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS, 2)
         s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
         vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
-                       kpos[None, :], w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED)
+                       kpos[None, :], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do.to(DOT), tl.trans(v_eff).to(DOT), input_precision=PRECISION)
         ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
@@ -334,18 +384,18 @@ def _attn_bwd_dq_kernel(
 
     if HAS_NULL:
         nk, nv = _load_null(NULL, h, H, offs_d, HEAD_DIM)
-        qf = q.to(tl.float32)
-        dof = do.to(tl.float32)
+        qf = tl.where(live[:, None], q.to(tl.float32), 0.0)
+        dof = tl.where(live[:, None], do.to(tl.float32), 0.0)
         p0 = tl.exp2(tl.sum(qf * nk[None, :], axis=1) * qk_scale - lse)
-        p0 = tl.where(q_ok, p0, 0.0)
-        ds0 = p0 * (tl.sum(dof * nv[None, :], axis=1) - delta)
+        p0 = tl.where(live, p0, 0.0)
+        ds0 = tl.where(live, p0 * (tl.sum(dof * nv[None, :], axis=1) - delta), 0.0)
         dq += ds0[:, None] * nk[None, :]
         # per-(batch, query block) partial sums, reduced by torch: [b * blocks, 2, H, HEAD_DIM]
         part = ((b * tl.num_programs(0) + pid_m) * 2 * H + h) * HEAD_DIM + offs_d
         tl.store(DNULL + part, tl.sum(ds0[:, None] * qf, axis=0) * sm_scale)
         tl.store(DNULL + part + H * HEAD_DIM, tl.sum(p0[:, None] * dof, axis=0))
 
-    dq = dq * sm_scale
+    dq = tl.where(live[:, None], dq * sm_scale, 0.0)
     tl.store(DQ + b * s_dqb + h * s_dqh + row * s_dqi + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=q_ok[:, None])
 
@@ -354,11 +404,11 @@ def _attn_bwd_dq_kernel(
 def _attn_bwd_dkdv_kernel(
     Q, K, V, KV_SCALE, KV_MASK, Q_POS, KV_POS, DO, LSE, DELTA, DK, DV, DSCALE,
     s_qb, s_qi, s_qh, s_kb, s_kr, s_kj, s_kg, s_dob, s_doi, s_doh, s_dkb, s_dkr, s_dkj, s_dkg,
-    n_q, n_kv, H, G, R, sm_scale, qk_scale, w, lb, lf, cq, ckv,
+    n_q, n_kv, H, G, R, sm_scale, qk_scale, w, lb, lf, cq, ckv, span,
     HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr,
-    WINDOWED: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, EXACT: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    DOT: tl.constexpr,
+    WINDOWED: tl.constexpr, SPAN: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    EXACT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -368,8 +418,8 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     k_in = offs_n < n_kv
     k, v, v_eff, sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d, s_kj,
-                                             n_kv, 0, n_kv, 4611686018427387904, HAS_SCALE, HAS_MASK, CAUSAL_POS)
-    lo, hi = _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, WINDOWED, BLOCK_N)
+                                             n_kv, 0, n_kv, 4611686018427387904, HAS_SCALE, HAS_MASK, CAUSAL_POS, 0)
+    lo, hi = _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_N)
 
     # Transposed tiles ([keys, queries]): the dots then need no transposed accumulators.
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -377,17 +427,22 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range((lo // BLOCK_M) * BLOCK_M, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_ok = offs_m < n_q
-        q = tl.load(Q + q_off + offs_m[:, None] * s_qi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_doi + offs_d[None, :],
-                     mask=q_ok[:, None], other=0.0)
+        q_in = offs_m < n_q
         stat = pid_bh.to(tl.int64) * n_q + offs_m
-        lse = tl.load(LSE + stat, mask=q_ok, other=float("inf"))
+        lse = tl.load(LSE + stat, mask=q_in, other=float("inf"))
+        q_ok = q_in & (lse == lse)  # live rows, as in the dq kernel
+        q = tl.load(Q + q_off + offs_m[:, None] * s_qi + offs_d[None, :], mask=q_in[:, None], other=0.0)
+        do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_doi + offs_d[None, :],
+                     mask=q_in[:, None], other=0.0)
+        # Rows that are not live may hold NaN in q or do: zeroed, as their p and ds are, so that
+        # no 0 * NaN reaches dk or dv through the dots over queries.
+        q = tl.where(q_ok[:, None], q, tl.zeros_like(q))
+        do = tl.where(q_ok[:, None], do, tl.zeros_like(do))
         delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
-        qpos, _qmax = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
+        qpos, _qmax = _load_q_meta(Q_POS, b, n_q, offs_m, q_in, CAUSAL_POS)
         s_t = tl.dot(k.to(DOT), tl.trans(q).to(DOT), input_precision=PRECISION) * qk_scale
         vis_t = _visible(offs_m[None, :], offs_n[:, None], q_ok[None, :], k_ok[:, None], qpos[None, :],
-                         kpos[:, None], w, lb, lf, cq, ckv, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED)
+                         kpos[:, None], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
         p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype).to(DOT), do.to(DOT), input_precision=PRECISION)
         dp_t = tl.dot(v_eff.to(DOT), tl.trans(do).to(DOT), input_precision=PRECISION)
@@ -439,7 +494,7 @@ def _configs(dtype: torch.dtype, dh: int) -> tuple[tuple, tuple]:
 class _Plan:
     """Everything the three kernels share, derived once from the op's arguments."""
 
-    def __init__(self, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+    def __init__(self, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span,
                  look_backward, look_forward, causal, exact):
         self.local = kv is None
         if q.stride(-1) != 1:
@@ -464,13 +519,13 @@ class _Plan:
             n = self.n_q
             w = min(q_window, n)
             windows = -(-n // w)
-            self.ints = (w, min(look_backward, windows), min(look_forward, windows), 1, 1)
+            self.ints = (w, min(look_backward, windows), min(look_forward, windows), 1, 1, 0)
         else:
-            self.ints = (1, 0, 0, max(q_window, 1), max(kv_window, 1))
+            self.ints = (1, 0, 0, max(q_window, 1), max(kv_window, 1), kv_span)
         self.flags = dict(
             HAS_SCALE=kv_scale is not None, HAS_MASK=kv_mask is not None,
             CAUSAL_POS=(not self.local) and q_pos is not None,
-            WINDOWED=(not self.local) and q_window > 0,
+            WINDOWED=(not self.local) and q_window > 0, SPAN=(not self.local) and q_window > 0 and kv_span > 0,
             LOCAL=self.local, CAUSAL=self.local and bool(causal), EXACT=self.local and bool(exact),
             HEAD_DIM=self.D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             DOT=_dot_dtype(q.dtype),
@@ -489,14 +544,14 @@ def _empty(shape, like: Tensor, dtype=None) -> Tensor:
     return out
 
 
-def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span,
                   look_backward, look_forward, causal, exact) -> tuple[Tensor, Tensor]:
     """-> (o [b, i, h, dh] contiguous in q's dtype, lse [b, h, i] fp32, base 2). No checks."""
     if off_current_device(q):  # Triton launches on the current device
         with torch.cuda.device(q.device):
             return attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window,
-                                 kv_window, look_backward, look_forward, causal, exact)
-    p = _Plan(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+                                 kv_window, kv_span, look_backward, look_forward, causal, exact)
+    p = _Plan(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span,
               look_backward, look_forward, causal, exact)
     o = _empty((p.b, p.n_q, p.H, p.D), q)
     lse = _empty((p.b, p.H, p.n_q), q, torch.float32)
@@ -511,14 +566,15 @@ def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_win
 
 
 def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale, q_window,
-                  kv_window, look_backward, look_forward, causal, exact) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  kv_window, kv_span, look_backward, look_forward, causal,
+                  exact) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dq, dkv, dnull_kv, dkv_scale); kv None (packed qkv): dq is dqkv and dkv is empty.
     Absent optional inputs get empty gradients. Two launches plus torch sums of partials."""
     if off_current_device(q):
         with torch.cuda.device(q.device):
             return attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale,
-                                 q_window, kv_window, look_backward, look_forward, causal, exact)
-    p = _Plan(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+                                 q_window, kv_window, kv_span, look_backward, look_forward, causal, exact)
+    p = _Plan(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span,
               look_backward, look_forward, causal, exact)
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -557,17 +613,20 @@ def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, 
 
 def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: bool = False,
                  window: tuple[int, int, int, bool, bool] | None = None,
-                 window_slots: tuple[int, int] | None = None, device: str | torch.device = "cpu") -> Tensor:
+                 window_slots: tuple[int, int] | None = None, kv_span: int | None = None,
+                 device: str | torch.device = "cpu") -> Tensor:
     """int32 [blocks, 2]: the [lo, hi) the kernels compute for each query block (for_keys: the
     query range of each key block). window = (w, look_backward, look_forward, causal, exact)
-    for the local mode, window_slots = (Cq, Ckv) for the heavy windowed mode. For tests."""
+    for the local mode, window_slots = (Cq, Ckv) for the heavy windowed mode, with kv_span
+    optionally. For tests."""
     blocks = triton.cdiv(n_kv if for_keys else n_q, block_n if for_keys else block_m)
     out = torch.empty((blocks, 2), dtype=torch.int32, device=device)
     w, lb, lf, causal, exact = window if window is not None else (1, 0, 0, False, False)
     cq, ckv = window_slots if window_slots is not None else (1, 1)
     _ranges_kernel[(blocks,)](
-        out, n_q, n_kv, w, lb, lf, cq, ckv, LOCAL=window is not None, CAUSAL=bool(causal), EXACT=bool(exact),
-        WINDOWED=window_slots is not None, BLOCK_M=block_m, BLOCK_N=block_n, FOR_KEYS=for_keys,
+        out, n_q, n_kv, w, lb, lf, cq, ckv, kv_span or 0, LOCAL=window is not None, CAUSAL=bool(causal),
+        EXACT=bool(exact), WINDOWED=window_slots is not None, SPAN=window_slots is not None and kv_span is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, FOR_KEYS=for_keys,
     )
     return out
 
@@ -577,9 +636,9 @@ def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: b
 
 @kernel_op("colt5::attention_fwd")
 def _fwd_op(q: Tensor, kv: Tensor | None, null_kv: Tensor | None, kv_scale: Tensor | None, kv_mask: Tensor | None,
-            q_pos: Tensor | None, kv_pos: Tensor | None, scale: float, q_window: int, kv_window: int, look_backward: int,
-            look_forward: int, causal: bool, exact: bool) -> tuple[Tensor, Tensor]:
-    return attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window,
+            q_pos: Tensor | None, kv_pos: Tensor | None, scale: float, q_window: int, kv_window: int, kv_span: int,
+            look_backward: int, look_forward: int, causal: bool, exact: bool) -> tuple[Tensor, Tensor]:
+    return attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span,
                          look_backward, look_forward, causal, exact)
 
 
@@ -592,7 +651,7 @@ def _fake_out(q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 @register_fake(_fwd_op)
-def _(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
+def _(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span, look_backward,
       look_forward, causal, exact):
     return _fake_out(q, kv)
 
@@ -600,14 +659,14 @@ def _(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_wind
 @kernel_op("colt5::attention_bwd")
 def _bwd_op(do: Tensor, q: Tensor, kv: Tensor | None, null_kv: Tensor | None, kv_scale: Tensor | None,
             kv_mask: Tensor | None, q_pos: Tensor | None, kv_pos: Tensor | None, scale: float, q_window: int,
-            kv_window: int, look_backward: int, look_forward: int, causal: bool, exact: bool, o: Tensor,
-            lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            kv_window: int, kv_span: int, look_backward: int, look_forward: int, causal: bool, exact: bool,
+            o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, scale, q_window,
-                         kv_window, look_backward, look_forward, causal, exact)
+                         kv_window, kv_span, look_backward, look_forward, causal, exact)
 
 
 @register_fake(_bwd_op)
-def _(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, look_backward,
+def _(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span, look_backward,
       look_forward, causal, exact, o, lse):
     def maybe(t: Tensor | None) -> Tensor:
         return q.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
@@ -711,7 +770,7 @@ def _use_triton(backend: str | None, t: Tensor, head_dim: int, name: str) -> boo
     return t.is_cuda and triton_supports(t.dtype, head_dim)
 
 
-def _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots):
+def _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots, kv_span):
     _check_tensor("q", q, None, "")
     if q.dim() != 4:
         raise ValueError(f"q must be [b, i, h, dh], got shape {tuple(q.shape)}")
@@ -752,6 +811,22 @@ def _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_wi
         check_int("kv_window_slots", kv_window_slots, 1)
         if q_pos is None:
             raise ValueError("q_window_slots / kv_window_slots need q_pos and kv_pos (they refine causal attention)")
+    if kv_span is not None:
+        check_int("kv_span", kv_span, 1)
+        if q_window_slots is None:
+            raise ValueError("kv_span needs q_window_slots and kv_window_slots (it counts key slots back from a "
+                             "window's end)")
+
+
+def _effective_span(kv_span: int | None, i: int, j: int, q_window_slots: int | None,
+                    kv_window_slots: int | None) -> int | None:
+    """kv_span, or None where it restricts nothing: it reaches back past slot 0 from the end of
+    the last query window. What is left fits the kernels' int32 arithmetic (j + span)."""
+    if kv_span is None or kv_span >= -(-i // q_window_slots) * kv_window_slots:
+        return None
+    if j + kv_span >= 2**31:
+        raise ValueError(f"kv_span={kv_span} with {j} key slots is past the kernels' int32 range")
+    return kv_span
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,6 +845,7 @@ def attention(
     kv_pos: Tensor | None = None,
     q_window_slots: int | None = None,
     kv_window_slots: int | None = None,
+    kv_span: int | None = None,
     backend: str | None = None,
 ) -> Tensor:
     """Heavy (routed) attention: every query attends to the visible keys of its head's route
@@ -788,29 +864,38 @@ def attention(
         q_window_slots, kv_window_slots: with positions, slots are in window order (query slot
             i in window i // q_window_slots, key slot j in j // kv_window_slots) and keys of a
             later window are never visible; key blocks past a query block's window are skipped.
+        kv_span: int >= 1 or None, with window slots only: query slot i sees only the kv_span
+            most recent key slots up to the end of its window, j >= (i // Cq + 1) * Ckv -
+            kv_span (besides kv_pos <= q_pos); the kernels skip the key blocks before them.
         backend: None (Triton for CUDA tensors whose dtype and dh the kernels take, else the
             reference), "triton" (also CPU tensors under TRITON_INTERPRET=1) or "reference".
 
     Returns o [b, i, h, dh] contiguous in q's dtype; a query with nothing visible gets zeros.
     Differentiable in q, kv (one gradient in kv's layout), null_kv and kv_scale.
 
+    Non-finite values: a query whose q holds a NaN or inf, or that may see a key whose k or
+    value times kv_scale holds one, outputs NaN and passes no gradient back (a constant);
+    nothing a query may not see (masked, later, outside its span) reaches its output or any
+    gradient it passes back. A query whose cotangent is all zero passes back nothing either.
+
     Raises TypeError / ValueError naming the argument; ValueError for backend="triton" with a
     dtype or head dim the kernels do not take; RuntimeError for backend="triton" on a CPU
     tensor without the interpreter.
     """
-    _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots)
+    _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots, kv_span)
     scale = _check_scale(scale)
     _check_backend(backend)
     b, i, h, dh = q.shape
+    kv_span = _effective_span(kv_span, i, kv.shape[2], q_window_slots, kv_window_slots)
     scale = dh**-0.5 if scale is None else scale
     if _use_triton(backend, q, dh, "attention") and b * i * kv.shape[2] > 0:
         o, _ = _fwd_op(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window_slots or 0,
-                       kv_window_slots or 0, 0, 0, q_pos is not None, False)
+                       kv_window_slots or 0, kv_span or 0, 0, 0, q_pos is not None, False)
         return o
     # The reference also covers the empty cases (j = 0 with a null: every query gets null_v).
     return attention_reference(
         q, kv, scale=scale, null_kv=null_kv, kv_scale=kv_scale, kv_mask=kv_mask, q_pos=q_pos,
-        kv_pos=kv_pos, q_window_slots=q_window_slots, kv_window_slots=kv_window_slots,
+        kv_pos=kv_pos, q_window_slots=q_window_slots, kv_window_slots=kv_window_slots, kv_span=kv_span,
     )
 
 
@@ -840,7 +925,8 @@ def local_attention_packed(
         scale: default dh ** -0.5. backend: as in `attention`.
 
     Returns [b, n, h, dh] contiguous in qkv's dtype; queries with no visible key get zeros. Its
-    gradient is one tensor in qkv's layout.
+    gradient is one tensor in qkv's layout. Non-finite values as in `attention`: a query whose
+    q, or a visible key's k or v, is not finite outputs NaN; nothing invisible reaches anything.
 
     Raises TypeError / ValueError naming the argument (and as `attention` for the backend).
     """
@@ -862,7 +948,7 @@ def local_attention_packed(
     if b * n == 0:
         return qkv.select(2, 0) * 0  # empty, still attached to the graph
     if _use_triton(backend, qkv, dh, "local_attention_packed"):
-        o, _ = _fwd_op(qkv, None, None, None, mask, None, None, scale, window_size, window_size,
+        o, _ = _fwd_op(qkv, None, None, None, mask, None, None, scale, window_size, window_size, 0,
                        look_backward, look_forward, causal, exact_windowsize)
         return o
     return local_attention_packed_reference(

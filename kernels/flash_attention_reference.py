@@ -7,6 +7,12 @@ L = look_backward + 1 + look_forward windows seen by each query.
 
 Both compute scores and softmax in float32 (float64 for float64 inputs) and return q's dtype.
 A query with nothing visible (no null key, no visible key) outputs zeros with zero gradients.
+
+Non-finite values (the kernels' rule, exact per query): a query whose own q holds a NaN or inf,
+or that may see a key whose k or value (times kv_scale) holds one, outputs NaN, a constant: no
+gradient flows back through it. Every other output and gradient is exactly what it would be
+with any finite numbers in the keys it may not see (masked, causally later, outside its window):
+those are selected away before any product, never multiplied by 0, since 0 * NaN is NaN.
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ def heavy_visibility(
     kv_pos: Tensor | None,
     q_window_slots: int | None,
     kv_window_slots: int | None,
+    kv_span: int | None = None,
     device: torch.device,
 ) -> Tensor:
     """bool [b, r, i, j]: may query i see key j of route r? kv_mask, then causal by original
-    position (kv_pos <= q_pos), then no key of a later window (j // Ckv <= i // Cq)."""
+    position (kv_pos <= q_pos), then no key of a later window (j // Ckv <= i // Cq), then, with
+    kv_span = K, only the K most recent key slots up to the query's window:
+    j >= (i // Cq + 1) * Ckv - K."""
     vis = torch.ones(b, r, i, j, dtype=torch.bool, device=device)
     if kv_mask is not None:
         vis = vis & kv_mask[:, :, None, :]
@@ -55,8 +64,10 @@ def heavy_visibility(
         vis = vis & (kv_pos[:, :, None, :] <= q_pos[:, None, :, None])
     if q_window_slots is not None:
         qw = torch.arange(i, device=device) // q_window_slots
-        kw = torch.arange(j, device=device) // kv_window_slots
-        vis = vis & (kw[None, :] <= qw[:, None])
+        kj = torch.arange(j, device=device)
+        vis = vis & ((kj // kv_window_slots)[None, :] <= qw[:, None])
+        if kv_span is not None:
+            vis = vis & (kj[None, :] >= (qw[:, None] + 1) * kv_window_slots - kv_span)
     return vis
 
 
@@ -72,13 +83,14 @@ def attention_reference(
     kv_pos: Tensor | None = None,
     q_window_slots: int | None = None,
     kv_window_slots: int | None = None,
+    kv_span: int | None = None,
 ) -> Tensor:
     """The heavy attention of `attention.attention` (no argument checks; call that).
 
     q [b, i, h, dh]; kv [b, r, j, 2, g, dh] (route r serves heads r*g .. r*g+g-1); null_kv
     [2, h, dh]; kv_scale [b, r, j] multiplies v; kv_mask [b, r, j] bool; q_pos [b, i] and
-    kv_pos [b, r, j] make it causal by position; window slots as in `heavy_visibility`.
-    Returns [b, i, h, dh] in q's dtype.
+    kv_pos [b, r, j] make it causal by position; window slots and kv_span as in
+    `heavy_visibility`. Returns [b, i, h, dh] in q's dtype.
 
     Written as the closed form of the online softmax with the null key/value as its initial
     state: out = (p0 v0 + sum_j p_j v_j) / (p0 + sum_j p_j), all p relative to one row max.
@@ -90,18 +102,22 @@ def attention_reference(
     qh = q.to(acc).view(b, i, r, g, dh).permute(0, 2, 3, 1, 4)  # [b, r, g, i, dh]
     k = kv[:, :, :, 0].to(acc).transpose(2, 3)  # [b, r, g, j, dh]
     v = kv[:, :, :, 1].to(acc).transpose(2, 3)
-    s = None if kv_scale is None else kv_scale.to(acc)
-    if kv_mask is not None:
-        # Selects, not multiplies: a masked key, value or scale may hold NaN or inf and must not
-        # reach any output or gradient.
-        keep = kv_mask[:, :, None, :, None]
-        k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
-        s = None if s is None else torch.where(kv_mask, s, 0.0)
+    s = None if kv_scale is None else kv_scale.to(acc)[:, :, None, :]  # [b, r, 1, j]
+    # Per head: a key is good when its k and its scaled value are finite, a query when its q is.
+    v_eff = v if s is None else v * s[..., None]
+    good = torch.isfinite(k).all(-1) & torch.isfinite(v_eff).all(-1)  # [b, r, g, j]
+    q_good = torch.isfinite(qh).all(-1)  # [b, r, g, i]
+    keep = good if kv_mask is None else good & kv_mask[:, :, None, :]
+    # Selects, not multiplies: a masked, later or non-finite key, value or scale must not reach
+    # any other output or gradient.
+    qh = torch.where(q_good[..., None], qh, 0.0)
+    k, v = torch.where(keep[..., None], k, 0.0), torch.where(keep[..., None], v, 0.0)
     if s is not None:
-        v = v * s[:, :, None, :, None]
+        v = v * torch.where(keep, s, 0.0)[..., None]
     vis = heavy_visibility(b, r, i, j, kv_mask=kv_mask, q_pos=q_pos, kv_pos=kv_pos,
                            q_window_slots=q_window_slots, kv_window_slots=kv_window_slots,
-                           device=q.device)[:, :, None]  # [b, r, 1, i, j]
+                           kv_span=kv_span, device=q.device)[:, :, None]  # [b, r, 1, i, j]
+    poisoned = ~q_good | (vis & ~good[:, :, :, None, :]).any(-1)  # [b, r, g, i]
     sim = torch.einsum("brgid,brgjd->brgij", qh, k) * scale
     sim = sim.masked_fill(~vis, float("-inf"))
     row_max = sim.amax(dim=-1) if j else sim.new_full(sim.shape[:-1], float("-inf"))
@@ -120,6 +136,7 @@ def attention_reference(
         num = num + p0[..., None] * nv[:, :, None, :]
         den = den + p0
     out = torch.where(den[..., None] > 0, num / den.clamp_min(torch.finfo(acc).tiny)[..., None], 0.0)
+    out = torch.where(poisoned[..., None], float("nan"), out)
     return out.permute(0, 3, 1, 2, 4).reshape(b, i, h, dh).to(q.dtype)
 
 
@@ -181,6 +198,11 @@ def local_attention_reference(
         return F.pad(t, (0, 0, 0, pad)).unflatten(2, (windows, w))  # [b, h, W, w, e]
 
     acc = _compute_dtype(q)
+    # A query is good when its q is finite, a key when its k and v are (see the module docstring).
+    q_good = torch.isfinite(q).all(-1)  # [b, h, n]
+    kv_good = torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1)
+    q = torch.where(q_good[..., None], q, 0.0)
+    k, v = torch.where(kv_good[..., None], k, 0.0), torch.where(kv_good[..., None], v, 0.0)
     bq = tile(q).to(acc) * scale
     bk = _look_around(tile(k), lb, lf, pad_value=0.0, dim=2).to(acc)  # [b, h, W, L*w, d]
     bv = _look_around(tile(v), lb, lf, pad_value=0.0, dim=2).to(acc)
@@ -190,14 +212,18 @@ def local_attention_reference(
         km = F.pad(mask, (0, pad), value=False).view(b, windows, w)
         km = _look_around(km, lb, lf, pad_value=False, dim=1)  # [b, W, L*w]
         valid = valid & km[:, None, :, None, :]  # [b, 1, W, w, L*w]
+    bad = ~_look_around(F.pad(kv_good, (0, pad), value=True).view(b, h, windows, w), lb, lf, pad_value=True, dim=2)
+    sees_bad = (valid & bad[:, :, :, None, :]).any(-1).expand(b, h, windows, w)  # valid may be [W, 1, L*w]
+    poisoned = sees_bad.flatten(2)[:, :, :n] | ~q_good  # [b, h, n]
 
     sim = torch.einsum("bhwid,bhwjd->bhwij", bq, bk)
-    # Finite fill + multiply by `valid` after softmax: a query with no valid key gets zeros (and
-    # zero gradients) instead of NaN; elsewhere exp(fill - max) is exactly 0 already.
+    # Finite fill, then select (never multiply by `valid`: 0 * NaN is NaN): a query with no
+    # valid key gets zeros (and zero gradients) instead of NaN; elsewhere exp(fill - max) is
+    # exactly 0 already.
     sim = sim.masked_fill(~valid, torch.finfo(sim.dtype).min)
-    attn = sim.softmax(dim=-1) * valid
-    out = torch.einsum("bhwij,bhwjd->bhwid", attn, bv)
-    return out.flatten(2, 3)[:, :, :n].to(q.dtype)
+    attn = torch.where(valid, sim.softmax(dim=-1), 0.0)
+    out = torch.einsum("bhwij,bhwjd->bhwid", attn, bv).flatten(2, 3)[:, :, :n]
+    return torch.where(poisoned[..., None], float("nan"), out).to(q.dtype)
 
 
 def local_attention_packed_reference(

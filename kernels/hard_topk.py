@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from .checks import check_mask, check_scores
+from .checks import check_mask, check_schedule, check_scores
 from .soft_topk import coor_descent
 
 
@@ -39,6 +40,8 @@ def topk(
     so values equal `x`'s top-k, and pass the gradient of `y` in the backward.
 
     Masked positions (mask False) are never picked while unmasked ones remain.
+    Raises TypeError / ValueError naming the argument (k, mask, the schedule, the ratio) in
+    every mode, non_differentiable included.
     `fused`: True forces the Triton kernel, False the reference, None picks by device.
     `non_differentiable`: plain `torch.topk`, with `coor_descent_values` and `gates` None.
     """
@@ -49,8 +52,11 @@ def topk(
     n = x.shape[-1]
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, x.shape[-1]={n}], got {k}")
-    if not coor_descent_k_ratio >= 1:
-        raise ValueError(f"coor_descent_k_ratio must be >= 1, got {coor_descent_k_ratio}")
+    if not (isinstance(coor_descent_k_ratio, numbers.Real) and not isinstance(coor_descent_k_ratio, bool)):
+        raise TypeError(f"coor_descent_k_ratio must be a number, got {type(coor_descent_k_ratio).__name__}")
+    if not 1 <= coor_descent_k_ratio < math.inf:
+        raise ValueError(f"coor_descent_k_ratio must be a finite number >= 1, got {coor_descent_k_ratio}")
+    check_schedule(n_iters, eps, eps_init, eps_decay)  # in every mode, non_differentiable too
 
     ranked = x if mask is None else x.masked_fill(~mask, torch.finfo(x.dtype).min)
     if non_differentiable:

@@ -21,7 +21,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .checks import check_coor_descent_args, eps_schedule
+from .checks import check_coor_descent_args, checked_k, eps_schedule
 from .soft_topk_kernels import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
 from .reference import coor_descent_offset_reference, coor_descent_reference
 from .runtime import INTERPRET, kernel_op, off_current_device, register_fake, require_triton
@@ -313,7 +313,7 @@ def triton_coor_descent(
         CPU tensor without the interpreter.
     """
     check_coor_descent_args(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
-    return _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask)
+    return _triton_coor_descent(s, n_iters, checked_k(k), eps, eps_init, eps_decay, mask)
 
 
 def _triton_coor_descent(s, n_iters, k, eps, eps_init, eps_decay, mask) -> Tensor:
@@ -340,6 +340,7 @@ def _dispatch(triton_impl, reference_impl, s, n_iters, k, eps, eps_init, eps_dec
     check_coor_descent_args(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
     if backend not in (None, "triton", "reference"):
         raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+    k = checked_k(k)  # under torch.compile: a per-row k's values are checked when the graph runs
     if backend == "triton" or (backend is None and s.device.type == "cuda"):
         return triton_impl(s, n_iters, k, eps, eps_init, eps_decay, mask)
     return reference_impl(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
@@ -360,17 +361,22 @@ def coor_descent(
 
     Returns weights `y` of the shape and dtype of `s`, each in [0, 1], the solution of
     max_y s.y + eps H(y) s.t. sum(y) = k, 0 <= y <= 1 as far as `n_iters` iterations of the
-    schedule get: a fast epsilon schedule (the routers' default) stops short of the optimum,
-    so the weights may sum to noticeably less than k; `colt5.routers.RouterStats` reports it.
+    schedule get: a fast epsilon schedule stops short of the optimum, so the weights may sum to
+    noticeably less than k. With the routers' default (20 iterations, eps 4 -> 0.03 by x0.7)
+    they sum to about 0.77 k on N(0, 1) scores (0.76-0.79 for n = 256..16384), 0.68-0.75 k on
+    wider or clustered scores, 0.90 k on narrow ones (N(0, 0.09)), 0.73-0.93 k on a trained
+    LM's router scores; 200 iterations reach 0.95-1.0 k. `colt5.routers.Router.routing_stats` reports it for a router's inputs.
 
     Args:
         s: scores [..., n], fp32/fp16/bf16 (computed in fp32; fp64 is computed in fp64 by the
             reference, in fp32 by the Triton kernels).
         n_iters: iterations, >= 1.
-        k: target sum, a number > 0 or a tensor of shape s.shape[:-1] (per-row k; it gets a
-            gradient when it requires one).
-        eps: final epsilon (> 0); eps_init: first epsilon (default eps); eps_decay in (0, 1]:
-            per-iteration factor, epsilon never going below eps.
+        k: target sum, a finite number > 0 or a tensor of shape s.shape[:-1] (per-row k; it
+            gets a gradient when it requires one). A tensor's values must be finite and > 0 too:
+            checked on the host eagerly (a sync on CUDA; pass a number to avoid it) and by an op
+            of the compiled graph under torch.compile (no graph break).
+        eps: final epsilon (finite, > 0); eps_init: first epsilon (default eps); eps_decay in
+            (0, 1]: per-iteration factor, epsilon never going below eps.
         mask: bool [..., n], True = take part. Masked positions get 0 and no gradient; a fully
             masked row gives zeros.
         backend: "triton" or "reference"; default Triton for CUDA tensors, else the reference.

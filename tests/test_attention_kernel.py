@@ -39,10 +39,10 @@ def force_blocks(bm: int, bn: int) -> None:
 
 
 def heavy_inputs(b, i, j, r, g, dh, *, null=False, scale=False, mask=False, causal=False, slots=None,
-                 strided=False, dtype=torch.float32, seed=0):
+                 span=None, strided=False, dtype=torch.float32, seed=0):
     """Leaves (q, kv, null_kv, kv_scale) and the non-differentiable options. slots = (Cq, Ckv):
-    positions in window order, 12 positions per heavy window. strided: q and kv are views with
-    odd strides (their bases are the leaves)."""
+    positions in window order, 12 positions per heavy window (span: kv_span with them). strided:
+    q and kv are views with odd strides (their bases are the leaves)."""
     gen = torch.Generator().manual_seed(seed)
     h = r * g
 
@@ -78,11 +78,13 @@ def heavy_inputs(b, i, j, r, g, dh, *, null=False, scale=False, mask=False, caus
             opts["q_pos"] = positions((b, i), cq)
             opts["kv_pos"] = positions((b, r, j), ckv)
             opts["q_window_slots"], opts["kv_window_slots"] = cq, ckv
+            if span is not None:
+                opts["kv_span"] = span
     return q, kv, opts
 
 
 def dense_heavy(q, kv, *, scale=None, null_kv=None, kv_scale=None, kv_mask=None, q_pos=None, kv_pos=None,
-                q_window_slots=None, kv_window_slots=None):
+                q_window_slots=None, kv_window_slots=None, kv_span=None):
     """float64 softmax(Q K'^T) V' per head, K' and V' with the null key/value as an explicit
     first column, and a dense [b, h, i, 1 + j] mask; rows with nothing allowed are 0."""
     b, i, h, dh = q.shape
@@ -102,6 +104,9 @@ def dense_heavy(q, kv, *, scale=None, null_kv=None, kv_scale=None, kv_mask=None,
             allowed &= kv_pos[:, route][:, None, :] <= q_pos[:, :, None]
         if q_window_slots is not None:
             allowed &= (torch.arange(j) // kv_window_slots)[None, :] <= (torch.arange(i) // q_window_slots)[:, None]
+        if kv_span is not None:  # the kv_span most recent key slots up to the end of the query's window
+            window_end = (torch.arange(i) // q_window_slots + 1) * kv_window_slots
+            allowed &= torch.arange(j)[None, :] >= (window_end - kv_span)[:, None]
         if null_kv is not None:
             k = torch.cat([null_kv[0, head].double().expand(b, 1, dh), k], 1)
             v = torch.cat([null_kv[1, head].double().expand(b, 1, dh), v], 1)
@@ -157,7 +162,9 @@ OPTION_SETS = {
     "mask": dict(mask=True),
     "causal": dict(causal=True),
     "causal-slots": dict(causal=True, slots=(5, 7)),
+    "causal-slots-span": dict(causal=True, slots=(5, 7), span=10),
     "all": dict(null=True, scale=True, mask=True, causal=True, slots=(6, 4)),
+    "all-span": dict(null=True, scale=True, mask=True, causal=True, slots=(6, 4), span=9),
 }
 
 
@@ -194,6 +201,7 @@ HEAVY_CASES = [  # id, (b, i, j, r, g, dh), options
     ("mask", (2, 40, 129, 2, 1, 16), dict(mask=True)),
     ("causal", (1, 80, 75, 1, 2, 16), dict(causal=True)),
     ("causal-slots", (1, 130, 70, 1, 1, 16), dict(causal=True, slots=(13, 7))),
+    ("causal-slots-span", (1, 130, 70, 1, 1, 16), dict(causal=True, slots=(13, 7), span=20)),
     ("all-r2-strided", (1, 66, 69, 2, 2, 16), dict(null=True, scale=True, mask=True, causal=True, slots=(11, 12), strided=True)),
     ("all-r4", (1, 33, 47, 4, 1, 32), dict(null=True, scale=True, mask=True, causal=True)),
     ("tiny-i1-j1", (2, 1, 1, 1, 2, 16), dict(null=True, scale=True, mask=True)),
@@ -211,8 +219,9 @@ def test_heavy_triton_matches_reference_fp32(shape, options):
 @pytest.mark.parametrize(
     "shape,options,blocks",
     [((1, 50, 61, 1, 2, 16), dict(causal=True, slots=(6, 9), null=True), (16, 16)),
+     ((1, 50, 61, 1, 2, 16), dict(causal=True, slots=(6, 9), null=True, scale=True, span=14), (16, 16)),
      ((1, 45, 37, 2, 1, 16), dict(mask=True, scale=True), (32, 16))],
-    ids=["causal-slots-blocks16", "mask-scale-blocks32x16"],
+    ids=["causal-slots-blocks16", "causal-slots-span14-blocks16", "mask-scale-blocks32x16"],
 )
 def test_heavy_triton_small_blocks(shape, options, blocks):
     """Many blocks per row and column: block skipping by window, partial last blocks."""
@@ -503,6 +512,30 @@ def test_heavy_block_ranges_skip_later_windows():
     assert kr[-1].tolist() == [(192 // ckv) * cq, i]
 
 
+def test_heavy_block_ranges_with_a_span():
+    """kv_span K: a query block starts at the first query's (w + 1) * Ckv - K, a key block ends
+    with the last query window that reaches back to it."""
+    i, j, cq, ckv, span = 300, 200, 10, 8, 40
+    qw, kj = torch.arange(i) // cq, torch.arange(j)
+    allowed = ((kj // ckv)[None, :] <= qw[:, None]) & (kj[None, :] >= ((qw + 1) * ckv - span)[:, None])
+    qr = block_ranges(i, j, block_m=64, block_n=64, window_slots=(cq, ckv), kv_span=span)
+    kr = block_ranges(i, j, block_m=64, block_n=64, window_slots=(cq, ckv), kv_span=span, for_keys=True)
+    widths = _covered(qr, allowed, 64, False)
+    _covered(kr, allowed, 64, True)
+    assert qr[1].tolist() == [(6 + 1) * ckv - span, (12 + 1) * ckv]  # queries 64..127: windows 6..12
+    assert kr[0].tolist() == [0, ((63 + span) // ckv) * cq]  # key 63 is seen up to window 11
+    assert max(widths) == span + 7 * ckv  # 64 queries touch at most 8 windows of 10 (128..191)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_span_that_reaches_slot_0_changes_nothing(backend):
+    q, kv, opts = heavy_inputs(1, 40, 32, 1, 2, 16, null=True, causal=True, slots=(5, 4), seed=4)
+    out = attention(q, kv, backend=backend, **opts)
+    for span in (32, 10**12):  # 8 query windows of 4 key slots: 32 reach slot 0 from the last
+        assert torch.equal(attention(q, kv, kv_span=span, backend=backend, **opts), out)
+    assert not torch.equal(attention(q, kv, kv_span=31, backend=backend, **opts), out)
+
+
 # ---------------------------------------------------------------------------------------------
 # argument checks, fallback, dispatch
 
@@ -527,6 +560,9 @@ def test_bad_arguments_raise():
         (dict(q_window_slots=0, kv_window_slots=2), ValueError, "q_window_slots"),
         (dict(q_window_slots=2.0, kv_window_slots=2), TypeError, "q_window_slots"),
         (dict(q_pos=None, kv_pos=None, q_window_slots=2, kv_window_slots=2), ValueError, "need q_pos"),
+        (dict(kv_span=3), ValueError, "kv_span needs"),
+        (dict(kv_span=0, q_window_slots=2, kv_window_slots=2), ValueError, "kv_span"),
+        (dict(kv_span=2.0, q_window_slots=2, kv_window_slots=2), TypeError, "kv_span"),
         (dict(scale="x"), TypeError, "scale"),
         (dict(scale=float("nan")), ValueError, "scale"),
         (dict(backend="cuda"), ValueError, "backend"),
@@ -672,7 +708,7 @@ def test_gpu_local_bf16_n8192(causal):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("mode", ["encoder", "causal-slots"])
+@pytest.mark.parametrize("mode", ["encoder", "causal-slots", "causal-slots-span"])
 def test_gpu_heavy_bf16(mode):
     b, r, g, dh = 1, 2, 4, 64
     i, j = (2048, 4096) if mode == "encoder" else (8192 // 8, 8192 // 4)
@@ -681,12 +717,14 @@ def test_gpu_heavy_bf16(mode):
     null_kv = torch.randn(2, r * g, dh, device="cuda") * 0.02
     kv_scale = torch.rand(b, r, j, device="cuda")
     opts = dict(kv_mask=torch.rand(b, r, j, device="cuda") > 0.1)
-    if mode == "causal-slots":  # 64 heavy windows of 128 tokens: 16 query / 32 key slots each
+    if mode != "encoder":  # 64 heavy windows of 128 tokens: 16 query / 32 key slots each
         cq, ckv, window = i // 64, j // 64, 128
         qs, ks = torch.arange(i, device="cuda"), torch.arange(j, device="cuda")
         opts["q_pos"] = ((qs // cq) * window + (qs % cq) * (window // cq)).expand(b, i).contiguous()
         opts["kv_pos"] = ((ks // ckv) * window + (ks % ckv) * (window // ckv)).expand(b, r, j).contiguous()
         opts.update(q_window_slots=cq, kv_window_slots=ckv)
+        if mode == "causal-slots-span":  # each query window sees the 200 most recent key slots
+            opts["kv_span"] = 200
 
     def fn(ref):
         def f(q, kv, null_kv, kv_scale):

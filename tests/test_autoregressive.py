@@ -372,3 +372,88 @@ def test_gradients_have_the_parameters_strides(num_routed_kv):
     model(torch.randn(2, 29, D)).square().sum().backward()
     for name, p in model.named_parameters():
         assert p.grad.stride() == p.stride(), name
+
+
+# -------------------------------------------------------------------------------------------
+# num_heavy_tokens_kv > heavy window: colt5-attention's meaning (a span of recent key-values)
+
+
+SPAN_W = 16  # Ckv = W // 8 = 2 slots per window when num_heavy_tokens_kv > W
+
+
+def span_attention(**kw) -> ConditionalRoutedAutoregressiveAttention:
+    args = dict(num_heavy_tokens_q=2, num_heavy_tokens_kv=20, num_routed_kv=2, light_dim_head=8, light_heads=2,
+                light_window_size=4, heavy_window_size=SPAN_W, heavy_dim_head=8, heavy_heads=4)
+    args.update(kw)
+    return ConditionalRoutedAutoregressiveAttention(D, **args)
+
+
+def heavy_calls(model, x, monkeypatch, **forward_kw) -> list[dict]:
+    """The keyword arguments of every heavy attention call of model(x)."""
+    import colt5.heavy_attention as heavy
+
+    calls = []
+
+    def spy(q, kv, **kw):
+        calls.append(kw)
+        return attention_op(q, kv, **kw)
+
+    attention_op = heavy.attention
+    monkeypatch.setattr(heavy, "attention", spy)
+    with torch.no_grad():
+        model(x, **forward_kw)
+    monkeypatch.setattr(heavy, "attention", attention_op)
+    return calls
+
+
+def visible_counts(call: dict, j: int) -> torch.Tensor:
+    """[b, r, i]: key-value slots each routed query may see (masked slots included)."""
+    from colt5.kernels.flash_attention_reference import heavy_visibility
+
+    b, i = call["q_pos"].shape
+    r = call["kv_pos"].shape[1]
+    return heavy_visibility(b, r, i, j, kv_mask=None, q_pos=call["q_pos"], kv_pos=call["kv_pos"],
+                            q_window_slots=call["q_window_slots"], kv_window_slots=call["kv_window_slots"],
+                            kv_span=call["kv_span"], device=call["q_pos"].device).sum(-1)
+
+
+@pytest.mark.parametrize("K", [17, 20])
+def test_num_heavy_tokens_kv_above_the_window_is_a_span(monkeypatch, K):
+    """K > W: W // 8 slots routed per window, and each query sees at most K of them (the most
+    recent ones); without the span the last queries would see every earlier slot."""
+    torch.manual_seed(0)
+    model = span_attention(num_heavy_tokens_kv=K)
+    n = 200  # 13 windows of 16: 26 key-value slots per route
+    x = torch.randn(2, n, D)
+    (call,) = heavy_calls(model, x, monkeypatch)
+    assert (call["q_window_slots"], call["kv_window_slots"], call["kv_span"]) == (2, SPAN_W // 8, K)
+    j = call["kv_pos"].shape[-1]
+    assert j == 13 * (SPAN_W // 8)
+    seen = visible_counts(call, j)
+    assert seen.max() <= K and seen.max() >= K - SPAN_W // 8  # the last windows' queries see ~K
+    unlimited = visible_counts(dict(call, kv_span=None), j)
+    assert unlimited.max() > K  # the span restricts something
+    out = model(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_num_heavy_tokens_kv_within_the_window_is_unchanged(monkeypatch):
+    model = span_attention(num_heavy_tokens_kv=SPAN_W)
+    (call,) = heavy_calls(model, torch.randn(1, 70, D), monkeypatch)
+    assert (call["kv_window_slots"], call["kv_span"]) == (SPAN_W, None)
+    # forward's override follows the same rule, both ways
+    (call,) = heavy_calls(model, torch.randn(1, 70, D), monkeypatch, num_heavy_tokens_kv=SPAN_W + 1)
+    assert (call["kv_window_slots"], call["kv_span"]) == (SPAN_W // 8, SPAN_W + 1)
+    (call,) = heavy_calls(span_attention(), torch.randn(1, 70, D), monkeypatch, num_heavy_tokens_kv=3)
+    assert (call["kv_window_slots"], call["kv_span"]) == (3, None)
+
+
+def test_span_layers_stay_causal():
+    torch.manual_seed(0)
+    model = randomise(span_attention(num_heavy_tokens_kv=6, heavy_window_size=4, rotary_emb=True)).double()
+    # W = 4: 1 slot per window, a span of 6 of the 13 windows of n = 50
+    assert causal_violations(model, n=50, js=[1, 4, 5, 17, 30, 41, 49]) == []
+    # the block: W = 6, 1 slot per window, a span of 7 of the 10 windows of n = 60
+    blk = randomise(block(num_heavy_attn_tokens_kv=HEAVY_W + 1)).double()
+    assert causal_violations(blk, n=60, js=[3, 7, 12, 25, 44, 59]) == []
+    assert blk.attn.num_heavy_tokens_kv == HEAVY_W + 1

@@ -79,8 +79,10 @@ def test_bf16_autocast_runs():
 
 def test_bad_inputs():
     model = DenseTransformer(8, depth=1, heads=2, dim_head=4)
-    with pytest.raises(ValueError, match="x must have shape"):
+    with pytest.raises(ValueError, match="x must have last dimension 8"):
         model(torch.randn(2, 3, 9))
+    with pytest.raises(ValueError, match="x must have shape"):
+        model(torch.randn(2, 8))
     with pytest.raises(TypeError, match="x must be floating"):
         model(torch.ones(2, 3, 8, dtype=torch.long))
     with pytest.raises(TypeError, match="mask must be a bool"):

@@ -133,8 +133,10 @@ def test_bad_inputs():
         model.loss(torch.zeros(1, 10, dtype=torch.long))
     with pytest.raises(ValueError, match="at least 2"):
         model.loss(torch.zeros(1, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="non-empty"):
-        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 1 sequence"):
+        model.loss(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt must have at least 1 position"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), length=2)
     prompt = torch.zeros(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="length"):
         model.generate(prompt, length=-1)
