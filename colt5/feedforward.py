@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from colt5 import validation
+from colt5.precision import gelu_mlp
 from colt5.routers import (
     CoordinateDescentRouter,
     RouterFactory,
@@ -43,7 +44,8 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        first, _, second = self.net
+        return gelu_mlp(x, first.weight, first.bias, second.weight, second.bias)  # see colt5.precision
 
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from colt5.kernels.flash_attention import attention
+from colt5.precision import Linear
 from colt5.rotary import RotaryEmbedding, apply_rotary
 from colt5.routers import RouterReturn, scatter_back
 
@@ -72,9 +73,9 @@ class RoutedAttention(nn.Module):
         self.multiply_keys_by_score = multiply_keys_by_score
         self.multiply_queries_by_score = multiply_queries_by_score
         inner = heads * dim_head
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim_context, 2 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_q = Linear(dim, inner, bias=False)
+        self.to_kv = Linear(dim_context, 2 * inner, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
         self.null_kv = nn.Parameter(torch.randn(2, heads, dim_head) * 0.02)
         self.null_q_token = nn.Parameter(torch.zeros(dim)) if use_null_q_tokens else None
         self.rotary = RotaryEmbedding(dim_head) if rotary_emb else None

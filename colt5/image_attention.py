@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from colt5 import validation
 from colt5.attention import ConditionalRoutedAttention
+from colt5.precision import Linear
 from colt5.routers import CoordinateDescentRouter, RouterFactory
 
 __all__ = ["ConditionalRoutedImageAttention", "WindowAttention"]
@@ -37,8 +38,8 @@ class WindowAttention(nn.Module):
         self.window_size, self.heads, self.dim_head = window_size, heads, dim_head
         inner = heads * dim_head
         self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_qkv = Linear(dim, 3 * inner, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         _, H, W, _ = x.shape

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from colt5 import validation
 from colt5.dense import DenseTransformer
+from colt5.precision import Linear
 
 __all__ = ["CoLT5LanguageModel", "build_backbone"]
 
@@ -84,7 +85,7 @@ class CoLT5LanguageModel(nn.Module):
         self.token_emb = nn.Embedding(num_tokens, dim)
         self.pos_emb = nn.Embedding(max_seq_len, dim)
         self.backbone = build_backbone(dim, depth=depth, dense=self.dense, **backbone_kwargs)
-        self.to_logits = nn.Linear(dim, num_tokens, bias=False)
+        self.to_logits = Linear(dim, num_tokens, bias=False)
         # Small embeddings keep the residual stream at unit-ish scale at init (N(0, 1) rows would
         # dominate the first blocks' updates).
         nn.init.normal_(self.token_emb.weight, std=0.02)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
 from colt5.kernels.flash_attention_reference import local_attention_reference
+from colt5.precision import Linear
 from colt5.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["LocalMHA", "local_attention", "local_attention_reference", "local_attention_flex"]
@@ -355,8 +356,8 @@ class LocalMHA(nn.Module):
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         self.backend = backend
         inner = heads * dim_head
-        self.to_qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.to_qkv = Linear(dim, 3 * inner, bias=False)
+        self.to_out = Linear(inner, dim, bias=False)
         if rotary_emb and dim_head % 2:
             raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
         self.rotary = RotaryEmbedding(dim_head) if rotary_emb else None
