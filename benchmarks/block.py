@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--lm-seqs", type=int, nargs="*", default=[4096, 16384, 65536])
     parser.add_argument("--lm-modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"])
     parser.add_argument("--lm-tokens", type=int, default=65536, help="tokens per training step")
-    parser.add_argument("--lm-steps", type=int, default=10, help="timed steps per cell")
+    parser.add_argument("--lm-steps", type=int, default=20, help="timed steps per cell (fewer read noisy: the host-bound step varies)")
     parser.add_argument("--profile", type=int, default=None, help="list the top kernels of each routed block at this n")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
