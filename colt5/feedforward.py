@@ -49,6 +49,20 @@ class FeedForward(nn.Module):
 
 
 
+def routed_feedforward(layer: nn.Module, x: Tensor, residual: Tensor | None, **route) -> Tensor:
+    """The routed feedforward's computation, shared by the encoder and the causal layer: norm and
+    scores, light FF on every token, the router's picks (`route`: its forward's arguments), heavy
+    FF on them, and the scatter back (onto `residual` when given). `layer` has norm, light_ff,
+    heavy_ff and router."""
+    x, scores = norm_and_scores(layer.norm, x, [layer.router])
+    light = layer.light_ff(x)
+    indices, weights, routed, routed_mask = layer.router(x, scores=scores and scores[0], **route)
+    heavy = layer.heavy_ff(routed)
+    if residual is not None:
+        return scatter_back(residual, heavy, indices, light=light, weights=weights, real=routed_mask)
+    return scatter_back(light, heavy, indices, weights=weights, real=routed_mask)
+
+
 class ConditionalRoutedFeedForward(nn.Module):
     """CoLT5's routed feedforward: light FF on every token, heavy FF on the routed tokens.
 
@@ -105,14 +119,7 @@ class ConditionalRoutedFeedForward(nn.Module):
         num_heavy_tokens = self.num_heavy_tokens if num_heavy_tokens is None else num_heavy_tokens
         validation.positive_int("num_heavy_tokens", num_heavy_tokens)
 
-        x, scores = norm_and_scores(self.norm, x, [self.router])
-        light = self.light_ff(x)
-        indices, scores, routed, routed_mask = self.router(x, num_tokens=num_heavy_tokens, mask=mask,
-                                                           scores=scores and scores[0])
-        heavy = self.heavy_ff(routed)
-        if residual is not None:
-            return scatter_back(residual, heavy, indices, light=light, weights=scores, real=routed_mask)
-        return scatter_back(light, heavy, indices, weights=scores, real=routed_mask)
+        return routed_feedforward(self, x, residual, num_tokens=num_heavy_tokens, mask=mask)
 
     def routing_stats(self, x: Tensor, mask: Tensor | None = None, num_heavy_tokens: int | None = None) -> RouterStats:
         """How far the router's soft top-k gets on x [b, n, d] (`Router.routing_stats`, on the

@@ -82,3 +82,23 @@ def poisoned_kernels():
     yield cd
     cd._POISON = False
     cd._FORCE.clear()
+
+
+@pytest.fixture
+def attention_kernels():
+    """The flash-attention module with its outputs and partial buffers poisoned (NaN) and block
+    sizes reset around the test; `attention_kernels.force_blocks(bm, bn)` forces tile sizes."""
+    import importlib
+
+    A = importlib.import_module("colt5.kernels.flash_attention")
+    A._POISON = True
+    A._FORCE_BLOCKS.clear()
+    yield A
+    A._POISON = False
+    A._FORCE_BLOCKS.clear()
+
+
+def force_attention_blocks(bm: int, bn: int) -> None:
+    import importlib
+
+    importlib.import_module("colt5.kernels.flash_attention")._FORCE_BLOCKS.update(fwd=(bm, bn), bwd=(bm, bn))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, requires_cuda
+from conftest import TOLERANCES, assert_close, force_attention_blocks, requires_cuda
 
 import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, block_ranges, local_attention_packed
@@ -20,18 +20,11 @@ BF16_OUT, BF16_GRAD = TOLERANCES[torch.bfloat16]
 
 
 @pytest.fixture(autouse=True)
-def poisoned_kernels():
-    """Kernel outputs and partial buffers start as NaN (an unwritten element fails); block
-    sizes reset after each test."""
-    A._POISON = True
-    A._FORCE_BLOCKS.clear()
+def _poisoned(attention_kernels):
     yield
-    A._POISON = False
-    A._FORCE_BLOCKS.clear()
 
 
-def force_blocks(bm: int, bn: int) -> None:
-    A._FORCE_BLOCKS.update(fwd=(bm, bn), bwd=(bm, bn))
+force_blocks = force_attention_blocks
 
 
 # ---------------------------------------------------------------------------------------------

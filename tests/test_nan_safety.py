@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import force_attention_blocks, requires_cuda
 
 import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, local_attention_packed
@@ -29,16 +29,11 @@ BAD = (float("nan"), float("inf"), float("-inf"))
 
 
 @pytest.fixture(autouse=True)
-def poisoned_kernels():
-    A._POISON = True
-    A._FORCE_BLOCKS.clear()
+def _poisoned(attention_kernels):
     yield
-    A._POISON = False
-    A._FORCE_BLOCKS.clear()
 
 
-def force_blocks(bm: int, bn: int) -> None:
-    A._FORCE_BLOCKS.update(fwd=(bm, bn), bwd=(bm, bn))
+force_blocks = force_attention_blocks
 
 
 def plant(t: torch.Tensor, where: torch.Tensor, seed: int) -> torch.Tensor:
