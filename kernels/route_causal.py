@@ -524,8 +524,8 @@ def _check_args(scores, window_size, capacity, k, n_iters, eps, eps_init, eps_de
     _check_int(capacity, "capacity", 1, window_size, f"window_size={window_size}")
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(f"k must be a number, got {type(k).__name__}")
-    if not k > 0:
-        raise ValueError(f"k must be > 0, got {k}")
+    if not 0 < k < float("inf"):
+        raise ValueError(f"k must be finite and > 0, got {k}")
     check_schedule(n_iters, eps, eps_init, eps_decay)
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
