@@ -18,26 +18,99 @@ each query window attends to that many of the most recent routed key-values; see
 attention). Values are scaled by the key-value router's weights, the output by the query
 router's; outputs are scattered back to their positions and unrouted queries get a learned null
 output (use_null_q_tokens) or nothing.
+
+Decoding (colt5/decoding.py): every layer's forward takes a cache (`new_cache`); with an empty
+one it is the prefill (the same output, and the state later positions need: light keys/values,
+routed key-value slots, each router's window state), after that one token per forward computed
+from the cache, equal to the full forward's output at its position. The stack owns the position
+and advances it.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from colt5 import validation
 from colt5.block_options import block_options, split_block_options
-from colt5.causal_routing import CausalCoordinateDescentRouter
-from colt5.feedforward import FeedForward
-from colt5.heavy_attention import RoutedAttention
-from colt5.local_attention import LocalMHA
-from colt5.routers import RouterFactory, layer_router_kwargs, make_router, norm_and_scores, scatter_back
+from colt5.causal_routing import CausalCoordinateDescentRouter, RouterCache
+from colt5.decoding import DecodePosition, step_key
+from colt5.feedforward import FeedForward, routed_feedforward
+from colt5.heavy_attention import RoutedAttention, RoutedKVCache
+from colt5.local_attention import LocalAttentionCache, LocalMHA
+from colt5.routers import RouterFactory, layer_router_kwargs, make_router, norm_and_scores
 
 __all__ = [
     "ConditionalRoutedAutoregressiveAttention",
     "ConditionalRoutedAutoregressiveFeedForward",
     "ConditionalRoutedAutoregressiveTransformerBlock",
     "ConditionalRoutedAutoregressiveTransformer",
+    "AttentionCache",
+    "FeedForwardCache",
+    "BlockCache",
+    "StackCache",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# Decode caches (colt5/decoding.py describes prefill and steps)
+
+
+class AttentionCache:
+    """ConditionalRoutedAutoregressiveAttention's decode state: the light attention's last
+    windows (`light`), both routers' window state (`q`, `kv`), the routed key-value slots
+    (`slots`), and the capacities (Cq, Ckv, span) the prefill routed with (`counts`)."""
+
+    def __init__(self, position: DecodePosition) -> None:
+        self.position = position
+        self.light = LocalAttentionCache(position)
+        self.q = RouterCache(position)
+        self.kv = RouterCache(position)
+        self.slots = RoutedKVCache(position)
+        self.counts: tuple[int, int, int | None] | None = None
+
+
+class FeedForwardCache:
+    """ConditionalRoutedAutoregressiveFeedForward's decode state: its router's window state."""
+
+    def __init__(self, position: DecodePosition) -> None:
+        self.position = position
+        self.router = RouterCache(position)
+
+
+class BlockCache:
+    """A block's decode state: its attention's and its feedforward's."""
+
+    def __init__(self, attn: AttentionCache, ff: FeedForwardCache) -> None:
+        self.position = attn.position
+        self.attn, self.ff = attn, ff
+
+
+class StackCache:
+    """A ConditionalRoutedAutoregressiveTransformer's decode state: one BlockCache per block and
+    the position they share (`ConditionalRoutedAutoregressiveTransformer.new_cache`)."""
+
+    def __init__(self, position: DecodePosition, layers: list[BlockCache], windows: tuple[int, ...]) -> None:
+        self.position = position
+        self.layers = layers
+        self.windows = windows
+
+    @property
+    def length(self) -> int:
+        return self.position.length
+
+    def step_key(self) -> tuple:
+        """What the next step decides on the host (`colt5.decoding.step_key`)."""
+        return step_key(self.position.length, self.windows)
+
+    def reset(self) -> None:
+        self.position.reset()
+
+
+def _decoding(x: Tensor, cache, random_route: bool) -> None:
+    cache.position.check(x)
+    if random_route:
+        raise ValueError("random_route must be False when decoding with a cache (routing by coin flips is not reproducible)")
 
 
 
@@ -164,6 +237,13 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
             use_null_q_tokens=use_null_q_tokens, rotary_emb=rotary_emb,
         )
 
+    def new_cache(self, position: DecodePosition) -> AttentionCache:
+        """An empty decode cache sharing `position` (see `forward`'s cache)."""
+        self.light_attn.new_cache(position)  # checks that the light attention is causal
+        self.q_router._check_decodable()
+        self.kv_router._check_decodable()
+        return AttentionCache(position)
+
     def forward(
         self,
         x: Tensor,
@@ -172,21 +252,53 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         num_heavy_tokens_kv: int | None = None,
         random_route: bool = False,
         residual: Tensor | None = None,
+        cache: AttentionCache | None = None,
     ) -> Tensor:
+        """cache (from `new_cache`): at length 0 this forward is the prefill (the same output)
+        and fills the cache; after that x is one token at position cache.position.length and
+        the output is the full forward's there, from the cache (the position's owner advances
+        it)."""
         validation.layer_input(x, self)
         W = self.heavy_window_size
         cq = self.num_heavy_tokens_q if num_heavy_tokens_q is None else _check_capacity(num_heavy_tokens_q, W, "num_heavy_tokens_q")
         ckv, span = _kv_slots(self.num_heavy_tokens_kv if num_heavy_tokens_kv is None else num_heavy_tokens_kv, W)
+        if cache is not None:
+            _decoding(x, cache, random_route)
+            if cache.position.length:
+                return self._decode(x, cache, (cq, ckv, span), residual)
 
         x, scores = norm_and_scores(self.norm, x, [self.q_router, self.kv_router])
         q_scores, kv_scores = scores or (None, None)
-        light = self.light_attn(x)
+        if cache is not None and scores is None:  # the prefill keeps the routers' scores
+            q_scores, kv_scores = self.q_router._checked_score(x, None), self.kv_router._checked_score(x, None)
+        light = self.light_attn(x, cache=None if cache is None else cache.light)
         q = self.q_router(x, num_tokens=cq, random_route=random_route, scores=q_scores)  # [b, w * cq] slots
         kv = self.kv_router(x, num_tokens=ckv, random_route=random_route, keep_one_route_dim=True, scores=kv_scores)
+        if cache is not None:
+            self.q_router.fill_cache(cache.q, q_scores, cq)
+            self.kv_router.fill_cache(cache.kv, kv_scores, ckv)
+            self.heavy.fill_cache(cache.slots, kv, slots=-(-cache.position.capacity // W) * ckv)
+            cache.counts = (cq, ckv, span)
         # causal on original positions; slots come in window order, cq and ckv per window
         if residual is not None:
             return self.heavy(residual, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span, light=light)
         return self.heavy(light, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span)
+
+    def _decode(self, x: Tensor, cache: AttentionCache, counts: tuple, residual: Tensor | None) -> Tensor:
+        """One token from the cache: both branches at position cache.position.length."""
+        if counts != cache.counts:
+            raise ValueError(f"token counts must stay those of the prefill while decoding: (q, kv slots, span) "
+                             f"{cache.counts}, got {counts}")
+        cq, ckv, span = counts
+        x, scores = norm_and_scores(self.norm, x, [self.q_router, self.kv_router])
+        q_scores, kv_scores = scores or (self.q_router._checked_score(x, None), self.kv_router._checked_score(x, None))
+        light = self.light_attn(x, cache=cache.light)
+        q_routed, _, q_weight = self.q_router.decode(q_scores, cache.q, cq)
+        kv = self.kv_router.decode(kv_scores, cache.kv, ckv)
+        window = cache.position.tensor // self.heavy_window_size
+        base, light = (light, None) if residual is None else (residual, light)
+        return self.heavy.decode(base, x, (q_routed, q_weight), kv, cache.slots, window=window,
+                                 window_slots=(cq, ckv), kv_span=span, light=light)
 
 
 class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
@@ -230,20 +342,43 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         kwargs = layer_router_kwargs(router_kwargs, reserved=("dim", "num_routing_tokens", "window_size", "route_block_size"), straight_through=router_straight_through, use_triton=use_triton)
         self.router = make_router(router_class, dim, required=CausalCoordinateDescentRouter, window_size=heavy_window_size, **kwargs)
 
+    def new_cache(self, position: DecodePosition) -> FeedForwardCache:
+        """An empty decode cache sharing `position` (see `forward`'s cache)."""
+        self.router._check_decodable()
+        return FeedForwardCache(position)
+
     def forward(
-        self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False, residual: Tensor | None = None
+        self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False, residual: Tensor | None = None,
+        cache: FeedForwardCache | None = None,
     ) -> Tensor:
+        """cache: as ConditionalRoutedAutoregressiveAttention.forward's."""
         validation.layer_input(x, self)
         W = self.heavy_window_size
         c = self.num_heavy_tokens if num_heavy_tokens is None else _check_capacity(num_heavy_tokens, W, "num_heavy_tokens")
+        if cache is None:
+            return routed_feedforward(self, x, residual, num_tokens=c, random_route=random_route)
+        _decoding(x, cache, random_route)
+        if cache.position.length:
+            return self._decode(x, cache, c, residual)
+        # The prefill: the forward, and the router's state from the same scores (computed again:
+        # a norm and a dot product over the prompt, the same ops on the same input).
+        self.router.fill_cache(cache.router, self._scores(x)[1], c)
+        return routed_feedforward(self, x, residual, num_tokens=c)
+
+    def _scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm x, the router's scores of it [b, 1, n]), as routed_feedforward has them."""
         x, scores = norm_and_scores(self.norm, x, [self.router])
+        return x, scores[0] if scores else self.router._checked_score(x, None)
+
+    def _decode(self, x: Tensor, cache: FeedForwardCache, c: int, residual: Tensor | None) -> Tensor:
+        """One token from the cache: scatter_back's sum at position cache.position.length."""
+        x, scores = self._scores(x)
         light = self.light_ff(x)
-        indices, scores, routed, routed_mask = self.router(x, num_tokens=c, random_route=random_route,
-                                                           scores=scores and scores[0])
-        heavy = self.heavy_ff(routed)
-        if residual is not None:
-            return scatter_back(residual, heavy, indices, light=light, weights=scores, real=routed_mask)
-        return scatter_back(light, heavy, indices, weights=scores, real=routed_mask)
+        routed, _, weight = self.router.decode(scores, cache.router, c)  # [b, 1]
+        heavy = self.heavy_ff(x)  # one token: cheaper than a gather
+        out = light if residual is None else residual + light.to(residual.dtype)
+        heavy = torch.where(routed[..., None], heavy, 0.0) * weight[..., None].to(heavy.dtype)
+        return out + heavy.to(out.dtype)
 
 
 class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
@@ -298,6 +433,10 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
         self.attn = ConditionalRoutedAutoregressiveAttention(dim, **attn_kwargs)
         self.ff = ConditionalRoutedAutoregressiveFeedForward(dim, **ff_kwargs)
 
+    def new_cache(self, position: DecodePosition) -> BlockCache:
+        """An empty decode cache sharing `position` (see the sublayers' forward)."""
+        return BlockCache(self.attn.new_cache(position), self.ff.new_cache(position))
+
     def forward(
         self,
         x: Tensor,
@@ -306,11 +445,15 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
         num_heavy_attn_tokens_kv: int | None = None,
         num_heavy_ff_tokens: int | None = None,
         random_route: bool = False,
+        cache: BlockCache | None = None,
     ) -> Tensor:
+        """cache: a prefill or a decode step, as the sublayers' forward (the owner of
+        cache.position advances it)."""
         validation.layer_input(x, self)
         x = self.attn(x, num_heavy_tokens_q=num_heavy_attn_tokens_q, num_heavy_tokens_kv=num_heavy_attn_tokens_kv,
-                      random_route=random_route, residual=x)
-        return self.ff(x, num_heavy_tokens=num_heavy_ff_tokens, random_route=random_route, residual=x)
+                      random_route=random_route, residual=x, cache=None if cache is None else cache.attn)
+        return self.ff(x, num_heavy_tokens=num_heavy_ff_tokens, random_route=random_route, residual=x,
+                       cache=None if cache is None else cache.ff)
 
 
 class ConditionalRoutedAutoregressiveTransformer(nn.Module):
@@ -328,8 +471,26 @@ class ConditionalRoutedAutoregressiveTransformer(nn.Module):
         self.layers = nn.ModuleList(ConditionalRoutedAutoregressiveTransformerBlock(dim, **block_kwargs) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, **block_forward_kwargs) -> Tensor:
+    def new_cache(self, capacity: int) -> StackCache:
+        """An empty decode cache for contexts of up to `capacity` tokens, on the stack's device."""
+        validation.positive_int("capacity", capacity)
+        position = DecodePosition(capacity, self.norm.weight.device)
+        windows = tuple(w for layer in self.layers for w in (layer.attn.heavy_window_size, layer.ff.heavy_window_size))
+        return StackCache(position, [layer.new_cache(position) for layer in self.layers], windows)
+
+    def forward(self, x: Tensor, *, cache: StackCache | None = None, **block_forward_kwargs) -> Tensor:
+        """cache (from `new_cache`): empty, x [b, n, d] is a prompt (the prefill: the same output
+        as without a cache); after that x [b, 1, d] is the next token and the output is the
+        full forward's at its position (cache.length), computed from the cache. Advances it."""
         validation.layer_input(x, self)
-        for layer in self.layers:
-            x = layer(x, **block_forward_kwargs)
+        if cache is None:
+            for layer in self.layers:
+                x = layer(x, **block_forward_kwargs)
+            return self.norm(x)
+        if not isinstance(cache, StackCache) or len(cache.layers) != len(self.layers):
+            raise TypeError(f"cache must be a StackCache from this stack's new_cache, got {type(cache).__name__}")
+        cache.position.check(x)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, cache=layer_cache, **block_forward_kwargs)
+        cache.position.advance(x)
         return self.norm(x)

@@ -38,14 +38,36 @@ at inference; this scheme is causal in training and inference alike.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from colt5 import validation
+from colt5.decoding import DecodePosition, reuse
 from colt5.kernels.route_causal import assign_slots, pad_windows, route_causal, soft_top_k_offset, window_weights
 from colt5.routers import CoordinateDescentRouter, RouterReturn, gather_tokens
 
-__all__ = ["CausalCoordinateDescentRouter", "soft_top_k_offset"]
+__all__ = ["CausalCoordinateDescentRouter", "RouterCache", "soft_top_k_offset"]
+
+
+class RouterCache:
+    """A causal router's state between decode steps, after the token at position length - 1
+    (`CausalCoordinateDescentRouter.fill_cache` / `.decode`), per row and route:
+
+        scores [b, r, W]  the scores of that token's window so far (the whole window once it is
+                          complete: the next step computes its dual from them)
+        offset [b, r, 1]  the dual a_{w-1} that sets the window's threshold (0 in window 0)
+        count  [b, r]     the window's candidates so far (the next one takes slot `count`)
+    """
+
+    def __init__(self, position: DecodePosition) -> None:
+        self.position = position
+        self.capacity: int | None = None  # C, per window
+        self.eps: float | None = None  # e_T of the duals
+        self.scores: Tensor | None = None
+        self.offset: Tensor | None = None
+        self.count: Tensor | None = None
 
 
 class CausalCoordinateDescentRouter(CoordinateDescentRouter):
@@ -150,6 +172,64 @@ class CausalCoordinateDescentRouter(CoordinateDescentRouter):
         else:
             y, candidate = self._window_weights(s, real, C)
         return assign_slots(y, candidate, real, C, n, self.straight_through)
+
+    # ---- cached decoding -------------------------------------------------------------------
+    def _window_dual(self, s: Tensor, C: int) -> tuple[Tensor, float]:
+        """The dual of complete windows s [b, r, W] as the forward computes it (all real)."""
+        return soft_top_k_offset(
+            s, k=self._window_k(C), n_iters=self.n_iters, eps=self.eps, eps_init=self.eps_init,
+            eps_decay=self.eps_decay, mask=torch.ones_like(s, dtype=torch.bool), backend=self.backend,
+        )
+
+    def _check_decodable(self) -> None:
+        if type(self)._window_weights is not CausalCoordinateDescentRouter._window_weights:
+            raise TypeError(f"{type(self).__name__} overrides _window_weights: cached decoding follows the "
+                            "router's own selection only (decode by re-running the model instead)")
+
+    def fill_cache(self, cache: RouterCache, scores: Tensor, num_tokens: int) -> None:
+        """The state after a prefill whose scores [b, r, n] this router routed with capacity
+        num_tokens: the last token's window, its dual and candidates (what `forward` decided)."""
+        self._check_decodable()
+        b, r, n = scores.shape
+        W, C = self.window_size, num_tokens
+        last = (n - 1) // W * W  # first position of the last token's window
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        cache.scores = reuse(cache.scores, (b, r, W), scores.dtype, scores.device, 0.0)
+        cache.scores[..., : n - last].copy_(scores[..., last:])
+        cache.offset = reuse(cache.offset, (b, r, 1), dtype, scores.device, 0.0)
+        cache.count = reuse(cache.count, (b, r), torch.long, scores.device, n - last)  # window 0: all candidates
+        if last:
+            a, cache.eps = self._window_dual(scores[..., last - W : last], C)
+            cache.offset.copy_(a)
+            logits = scores[..., last:].to(dtype) + a
+            cache.count.copy_((logits > -cache.eps * math.log(2.0)).sum(-1))
+        cache.capacity = C
+
+    def decode(self, scores: Tensor, cache: RouterCache, num_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
+        """One token's routing at position cache.position.length: scores [b, r, 1] ->
+        (routed [b, r] bool, slot [b, r] int64 within its window, weight [b, r]) as `forward`
+        decides it over the whole sequence (window 0: the first C tokens with weight 1; later
+        windows: y = exp(min(s + a, 0) / e), a candidate when y > 1/2, the first C candidates
+        take the slots). Updates the cache in place; no host sync."""
+        if num_tokens != cache.capacity:
+            raise ValueError(f"num_tokens must stay {cache.capacity} (the prefill's) while decoding, got {num_tokens}")
+        p, W, C = cache.position.length, self.window_size, num_tokens
+        if p % W == 0:  # the previous window is complete: its dual sets this one's threshold
+            a, cache.eps = self._window_dual(cache.scores, C)
+            cache.offset.copy_(a)
+            cache.count.zero_()
+        cache.scores.index_copy_(2, (cache.position.tensor % W).view(1), scores.to(cache.scores.dtype))
+        if p < W:  # window 0 has no past: first come, first served, weight 1
+            candidate = torch.ones_like(cache.count, dtype=torch.bool)
+            y = torch.ones_like(cache.offset[..., 0])
+        else:
+            logits = scores[..., 0].to(cache.offset.dtype) + cache.offset[..., 0]
+            y = torch.exp(logits.clamp_max(0.0) / cache.eps)
+            candidate = logits > -cache.eps * math.log(2.0)
+        routed = candidate & (cache.count < C)
+        slot = cache.count.clone()
+        cache.count.add_(candidate.long())
+        return routed, slot, torch.ones_like(y) if self.straight_through else y
 
     def _window_weights(self, s: Tensor, real: Tensor, C: int) -> tuple[Tensor, Tensor]:
         """Soft weights y and candidacy (y > 1/2) of every token from the previous window's dual,

@@ -15,8 +15,40 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from colt5 import validation
+from colt5.decoding import DecodePosition, reuse
 
-__all__ = ["DenseAttention", "DenseFeedForward", "DenseTransformerBlock", "DenseTransformer"]
+__all__ = ["DenseAttention", "DenseFeedForward", "DenseTransformerBlock", "DenseTransformer", "DenseCache"]
+
+
+class DenseAttentionCache:
+    """A causal DenseAttention's keys and values while decoding: k, v [b, h, L, e] (position p
+    at index p; L the capacity)."""
+
+    def __init__(self, position: DecodePosition) -> None:
+        self.position = position
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+
+class DenseCache:
+    """A causal DenseTransformer's decode state (`DenseTransformer.new_cache`): a key/value
+    cache per layer and the position they share."""
+
+    windows: tuple[int, ...] = ()  # no routing windows: every step runs the same ops
+
+    def __init__(self, position: DecodePosition, layers: list[DenseAttentionCache]) -> None:
+        self.position = position
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        return self.position.length
+
+    def step_key(self) -> tuple:
+        return ()
+
+    def reset(self) -> None:
+        self.position.reset()
 
 
 class DenseAttention(nn.Module):
@@ -32,8 +64,12 @@ class DenseAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: DenseAttentionCache | None = None) -> Tensor:
+        """cache (causal only, no mask): at length 0 the usual forward over a prompt that also
+        keeps its keys/values; after that x [b, 1, d] attends to the cached positions and itself."""
         q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h e) -> t b h n e", t=3, h=self.heads)
+        if cache is not None:
+            return self.to_out(rearrange(self._cached(q, k, v, cache, mask), "b h n e -> b n (h e)"))
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
@@ -46,6 +82,24 @@ class DenseAttention(nn.Module):
                 allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.to_out(rearrange(out, "b h n e -> b n (h e)"))
+
+    def _cached(self, q: Tensor, k: Tensor, v: Tensor, cache: DenseAttentionCache, mask: Tensor | None) -> Tensor:
+        if not self.causal or mask is not None:
+            raise ValueError("decoding with a cache needs a causal DenseAttention and mask=None")
+        position = cache.position
+        if position.length == 0:  # the prefill
+            b, h, n, e = k.shape
+            shape = (b, h, position.capacity, e)
+            cache.k = reuse(cache.k, shape, k.dtype, k.device, 0.0)
+            cache.v = reuse(cache.v, shape, v.dtype, v.device, 0.0)
+            cache.k[:, :, :n].copy_(k)
+            cache.v[:, :, :n].copy_(v)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        pos = position.tensor.view(1)
+        cache.k.index_copy_(2, pos, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, pos, v.to(cache.v.dtype))
+        visible = (torch.arange(position.capacity, device=q.device) <= pos).view(1, -1)  # [1, L]: static, graph-capturable
+        return F.scaled_dot_product_attention(q, cache.k.to(q.dtype), cache.v.to(q.dtype), attn_mask=visible)
 
 
 class DenseFeedForward(nn.Module):
@@ -89,10 +143,30 @@ class DenseTransformer(nn.Module):
             DenseTransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, causal=causal) for _ in range(depth)
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def new_cache(self, capacity: int) -> DenseCache:
+        """An empty decode cache for contexts of up to `capacity` tokens (causal stacks only)."""
+        validation.positive_int("capacity", capacity)
+        if not self.causal:
+            raise ValueError("only a causal DenseTransformer decodes incrementally")
+        p = validation._first_parameter(self)
+        position = DecodePosition(capacity, p.device)
+        return DenseCache(position, [DenseAttentionCache(position) for _ in self.layers])
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: DenseCache | None = None) -> Tensor:
+        """cache (from `new_cache`): empty, x is a prompt (the prefill: the usual output); after
+        that x [b, 1, d] is the next token, computed from the cache. Advances it."""
         validation.layer_input(x, self, mask=mask)
-        for layer in self.layers:
-            # Call the sublayers directly: the input was validated once above.
-            x = x + layer.attn(x, mask)
+        if cache is None:
+            for layer in self.layers:
+                # Call the sublayers directly: the input was validated once above.
+                x = x + layer.attn(x, mask)
+                x = x + layer.ff(x)
+            return x
+        if not isinstance(cache, DenseCache) or len(cache.layers) != len(self.layers):
+            raise TypeError(f"cache must be a DenseCache from this stack's new_cache, got {type(cache).__name__}")
+        cache.position.check(x)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = x + layer.attn(x, mask, cache=layer_cache)
             x = x + layer.ff(x)
+        cache.position.advance(x)
         return x

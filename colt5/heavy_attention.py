@@ -27,12 +27,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from colt5.decoding import DecodePosition, reuse
 from colt5.kernels.flash_attention import attention
 from colt5.precision import Linear
 from colt5.rotary import RotaryEmbedding, apply_rotary
 from colt5.routers import RouterReturn, scatter_back
 
-__all__ = ["RoutedAttention"]
+__all__ = ["RoutedAttention", "RoutedKVCache", "decode_attention"]
+
+
+class RoutedKVCache:
+    """The routed key-values of a causal RoutedAttention while decoding, J slots per route in
+    window order (Ckv per routing window) plus one slot J that unrouted tokens write to:
+    kv [b, r, J + 1, 2, g, dh] (keys rotated and scaled as the forward's), weight [b, r, J + 1]
+    (the router's, which scales the values), mask [b, r, J + 1] (True = a routed token)."""
+
+    def __init__(self, position: DecodePosition) -> None:
+        self.position = position
+        self.kv: Tensor | None = None
+        self.weight: Tensor | None = None
+        self.mask: Tensor | None = None
+
+
+def decode_attention(q: Tensor, kv: Tensor, null_kv: Tensor, kv_scale: Tensor, visible: Tensor) -> Tensor:
+    """One query per row against cached key-values: q [b, 1, h, dh], kv [b, r, J, 2, g, dh],
+    null_kv [2, h, dh], kv_scale [b, r, J] (multiplies v), visible [b, r, J] bool -> [b, 1, h, dh]
+    in q's dtype. `colt5.kernels.attention_reference` for i = 1 with the visibility given,
+    computed in fp32 (fp64 for fp64), for finite inputs; the null key is always visible."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _decode_attention(q, kv, null_kv, kv_scale, visible)
+
+
+def _decode_attention(q: Tensor, kv: Tensor, null_kv: Tensor, kv_scale: Tensor, visible: Tensor) -> Tensor:
+    b, _, h, dh = q.shape
+    r, g = kv.shape[1], kv.shape[4]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = dh**-0.5
+    qh = q.to(acc).reshape(b, r, g, 1, dh)
+    k = kv[:, :, :, 0].to(acc).transpose(2, 3)  # [b, r, g, J, dh]
+    v = kv[:, :, :, 1].to(acc).transpose(2, 3) * kv_scale.to(acc)[:, :, None, :, None]
+    sim = torch.matmul(qh, k.transpose(-1, -2)).squeeze(-2) * scale  # [b, r, g, J]
+    sim = sim.masked_fill(~visible[:, :, None, :], float("-inf"))
+    null_k, null_v = null_kv.to(acc).view(2, r, g, dh).unbind(0)
+    null_sim = (qh.squeeze(-2) * null_k).sum(-1) * scale  # [b, r, g]
+    shift = torch.maximum(sim.amax(-1), null_sim)
+    p, p0 = torch.exp(sim - shift[..., None]), torch.exp(null_sim - shift)
+    num = torch.matmul(p.unsqueeze(-2), v).squeeze(-2) + p0[..., None] * null_v  # [b, r, g, dh]
+    out = num / (p.sum(-1) + p0)[..., None]
+    return out.reshape(b, 1, h, dh).to(q.dtype)
 
 
 class RoutedAttention(nn.Module):
@@ -110,19 +152,12 @@ class RoutedAttention(nn.Module):
         if kv_tokens.shape[1] != r:
             raise ValueError(f"kv must keep its route dim: tokens [b, {r}, j, c], got {tuple(kv_tokens.shape)}")
 
-        qh = self.to_q(q_tokens).view(b, i, h, dh)
-        kvh = self.project_kv(kv_tokens)
-        if self.multiply_queries_by_score and q.scores is not None:
-            qh = qh * q.scores.view(b, i, 1, 1).to(qh.dtype)
-        if self.multiply_keys_by_score and kv.scores is not None:
-            scale_k = torch.stack((kv.scores, torch.ones_like(kv.scores)), dim=-1)  # k only
-            kvh = kvh * scale_k.view(b, r, j, 2, 1, 1).to(kvh.dtype)
         q_pos = kv_pos = None
         if causal or self.rotary is not None:
             q_pos = torch.arange(n, device=base.device).expand(b, n) if q.indices is None else q.indices
             kv_pos = torch.arange(n, device=base.device).expand(b, r, n) if kv.indices is None else kv.indices
-        if self.rotary is not None:
-            qh, kvh = self._rotate(qh, kvh, q_pos, kv_pos)
+        qh = self._queries(q_tokens, q.scores, q_pos)
+        kvh = self._keys_values(kv_tokens, kv.scores, kv_pos)
         out = attention(
             qh, kvh,
             null_kv=self.null_kv,
@@ -137,12 +172,96 @@ class RoutedAttention(nn.Module):
         heavy = self.to_out(out.reshape(b, i, h * dh))  # [b, i, d]
         return scatter_back(base, heavy, q.indices, light=light, weights=q.scores, real=q.routed_mask, null=self.null_q_token)
 
-    def _rotate(self, qh: Tensor, kvh: Tensor, q_pos: Tensor, kv_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries and keys rotated at their original positions (values untouched)."""
-        qh = apply_rotary(qh.transpose(1, 2), self.rotary(q_pos)).transpose(1, 2)  # via [b, h, i, dh]
-        k, v = kvh.unbind(3)  # [b, r, j, g, dh]
-        k = apply_rotary(k.transpose(2, 3), self.rotary(kv_pos).unsqueeze(2)).transpose(2, 3)
-        return qh, torch.stack((k, v), dim=3)
+    def _queries(self, tokens: Tensor, scores: Tensor | None, positions: Tensor | None) -> Tensor:
+        """Routed tokens [b, i, d] -> queries [b, i, h, dh]: scaled by the router's weights if
+        multiply_queries_by_score, rotated at their positions [b, i] with rotary_emb."""
+        b, i, _ = tokens.shape
+        qh = self.to_q(tokens).view(b, i, self.heads, self.dim_head)
+        if self.multiply_queries_by_score and scores is not None:
+            qh = qh * scores.view(b, i, 1, 1).to(qh.dtype)
+        if self.rotary is not None:
+            qh = apply_rotary(qh.transpose(1, 2), self.rotary(positions)).transpose(1, 2)  # via [b, h, i, dh]
+        return qh
+
+    def _keys_values(self, tokens: Tensor, scores: Tensor | None, positions: Tensor | None) -> Tensor:
+        """Routed tokens [b, r, j, c] -> kv [b, r, j, 2, g, dh]: keys scaled by the router's
+        weights if multiply_keys_by_score, rotated at their positions [b, r, j] with rotary_emb
+        (values untouched)."""
+        b, r, j, _ = tokens.shape
+        kvh = self.project_kv(tokens)
+        if self.multiply_keys_by_score and scores is not None:
+            scale_k = torch.stack((scores, torch.ones_like(scores)), dim=-1)  # k only
+            kvh = kvh * scale_k.view(b, r, j, 2, 1, 1).to(kvh.dtype)
+        if self.rotary is not None:
+            k, v = kvh.unbind(3)  # [b, r, j, g, dh]
+            k = apply_rotary(k.transpose(2, 3), self.rotary(positions).unsqueeze(2)).transpose(2, 3)
+            kvh = torch.stack((k, v), dim=3)
+        return kvh
+
+    # ---- cached decoding -------------------------------------------------------------------
+    def fill_cache(self, cache: RoutedKVCache, kv: RouterReturn, slots: int) -> None:
+        """Keep a prefill's routed key-values (kv: the causal key-value router's return, route
+        dim kept, indices in window order) in a cache of `slots` slots per route."""
+        indices, tokens = kv.indices, kv.routed_tokens
+        b, r, j, _ = tokens.shape
+        if j > slots:
+            raise ValueError(f"the prefill routed {j} key-value slots per route, more than the cache's {slots}")
+        kvh = self._keys_values(tokens, kv.scores, indices)
+        g = self.heads // r
+        cache.kv = reuse(cache.kv, (b, r, slots + 1, 2, g, self.dim_head), kvh.dtype, kvh.device, 0.0)
+        cache.weight = reuse(cache.weight, (b, r, slots + 1), kv.scores.dtype, kvh.device, 0.0)
+        cache.mask = reuse(cache.mask, (b, r, slots + 1), torch.bool, kvh.device, False)
+        cache.kv[:, :, :j].copy_(kvh)
+        cache.weight[:, :, :j].copy_(kv.scores)
+        cache.mask[:, :, :j].copy_(kv.routed_mask)
+
+    def decode(
+        self,
+        base: Tensor,
+        x: Tensor,
+        q: tuple[Tensor, Tensor],
+        kv: tuple[Tensor, Tensor, Tensor],
+        cache: RoutedKVCache,
+        *,
+        window: Tensor,
+        window_slots: tuple[int, int],
+        kv_span: int | None = None,
+        light: Tensor | None = None,
+    ) -> Tensor:
+        """One token of the causal heavy branch: x [b, 1, d] (normalised) at position
+        cache.position.length in routing window `window` (0-d int64 tensor); q = (routed [b, 1],
+        weight [b, 1]) and kv = (routed [b, r], slot within the window [b, r], weight [b, r])
+        from the routers' `decode`. Stores the token's key-values at its slots, attends to the
+        visible ones (`forward`'s causal rule with window slots and kv_span) and returns
+        base + light + the heavy output (or the null output), as `forward` at that position."""
+        b = x.shape[0]
+        h, dh, r = self.heads, self.dim_head, self.num_routes
+        cq, ckv = window_slots
+        pos = cache.position.tensor.view(1, 1)
+        q_routed, q_weight = q
+        kv_routed, kv_slot, kv_weight = kv
+        trash = cache.mask.shape[2] - 1  # the slot unrouted tokens write to, never visible
+        slot = torch.where(kv_routed, window * ckv + kv_slot, trash)  # [b, r]
+        kvh = self._keys_values(x.unsqueeze(1).expand(b, r, 1, x.shape[-1]), kv_weight[..., None], pos.expand(b, r, 1))
+        rows, routes = torch.arange(b, device=x.device)[:, None], torch.arange(r, device=x.device)[None, :]
+        cache.kv.index_put_((rows, routes, slot), kvh[:, :, 0].to(cache.kv.dtype))
+        cache.weight.index_put_((rows, routes, slot), kv_weight.to(cache.weight.dtype))
+        cache.mask.index_put_((rows, routes, slot), kv_routed)
+        visible = cache.mask
+        if kv_span is not None:  # the kv_span most recent slots up to the end of this window
+            first = (window + 1) * ckv - kv_span
+            visible = visible & (torch.arange(trash + 1, device=x.device) >= first)
+        qh = self._queries(x, q_weight, pos.expand(b, 1))
+        out = decode_attention(qh, cache.kv, self.null_kv, cache.weight, visible)
+        heavy = self.to_out(out.reshape(b, 1, h * dh))
+        # scatter_back's sum at one position
+        out = base if light is None else base + light.to(base.dtype)
+        routed = q_routed[..., None]
+        heavy = (torch.where(routed, heavy, 0.0) * q_weight[..., None].to(heavy.dtype)).to(base.dtype)
+        if self.null_q_token is None:
+            return out + heavy
+        null = self.null_q_token.to(base.dtype)
+        return out + null + torch.where(routed, heavy - null, 0.0)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, num_routes={self.num_routes}"

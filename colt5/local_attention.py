@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from colt5.decoding import DecodePosition, reuse
 from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
 from colt5.kernels.flash_attention_reference import local_attention_reference
 from colt5.precision import Linear
 from colt5.rotary import RotaryEmbedding, apply_rotary
 
-__all__ = ["LocalMHA", "local_attention", "local_attention_reference", "local_attention_flex"]
+__all__ = ["LocalMHA", "LocalAttentionCache", "local_attention", "local_attention_reference", "local_attention_flex"]
 
 _BACKENDS = (None, "reference", "flex", "triton")
 # flex_attention's tile. With w = 128 and look 1/1 every query block sees exactly 3 full kv blocks.
@@ -323,11 +324,30 @@ def local_attention(
 # module
 
 
+class LocalAttentionCache:
+    """A causal LocalMHA's keys and values for decoding: the last R = (look_backward + 1) * w
+    positions in a ring (position p at slot p % R), k and v [b, h, R, dh] (k rotated), and the
+    position each slot holds, pos [R] (a large negative number while empty)."""
+
+    EMPTY = -(2**40)
+
+    def __init__(self, position: DecodePosition) -> None:
+        self.position = position
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.pos: Tensor | None = None
+
+
 class LocalMHA(nn.Module):
     """Multi-head local attention: qkv projection -> local_attention -> out projection.
 
     No normalization inside (the caller pre-norms). forward(x [b, n, dim], mask [b, n] bool or
     None) -> [b, n, dim]. With rotary_emb, q and k are rotated at positions 0..n-1.
+
+    Causal instances decode incrementally: forward(x, cache=LocalAttentionCache) is the usual
+    forward that also keeps the last windows' keys/values when the cache is empty (the prefill),
+    and one query at position cache.position.length against them after that (the owner of the
+    position advances it).
     """
 
     def __init__(
@@ -362,13 +382,25 @@ class LocalMHA(nn.Module):
             raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
         self.rotary = RotaryEmbedding(dim_head) if rotary_emb else None
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def new_cache(self, position: DecodePosition) -> LocalAttentionCache:
+        if not self.causal:
+            raise ValueError("only a causal LocalMHA decodes incrementally (a later token would change earlier outputs)")
+        return LocalAttentionCache(position)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: LocalAttentionCache | None = None) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [b, n, dim={self.dim}], got shape {tuple(x.shape)}")
+        if cache is not None:
+            if mask is not None:
+                raise ValueError("mask must be None when decoding with a cache")
+            if cache.position.length:
+                return self._decode(x, cache)
         b, n, _ = x.shape
         qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+        if cache is not None:
+            self._fill_cache(cache, qkv)
         backend = self.backend or _default_backend(qkv, self.dim_head)
         if backend == "triton" and self.rotary is None:
             # The projection's output goes to the kernels as it is, and its gradient comes back
@@ -401,6 +433,53 @@ class LocalMHA(nn.Module):
             backend=backend,
         )
         return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))
+
+    # ---- cached decoding -------------------------------------------------------------------
+    def _ring(self) -> int:
+        return (self.look_backward + 1) * self.window_size
+
+    def _fill_cache(self, cache: LocalAttentionCache, qkv: Tensor) -> None:
+        """Keep the prefill's last R keys/values (qkv [b, n, 3, h, dh]): every later query's
+        window starts at or after n - R + 1."""
+        b, n = qkv.shape[:2]
+        R = self._ring()
+        lo = max(0, n - R)
+        k, v = qkv[:, lo:, 1].transpose(1, 2), qkv[:, lo:, 2].transpose(1, 2)  # [b, h, m, dh]
+        positions = torch.arange(lo, n, device=qkv.device)
+        if self.rotary is not None:
+            k = apply_rotary(k, self.rotary(positions))
+        shape = (b, self.heads, R, self.dim_head)
+        cache.k = reuse(cache.k, shape, k.dtype, k.device, 0.0)
+        cache.v = reuse(cache.v, shape, v.dtype, v.device, 0.0)
+        cache.pos = reuse(cache.pos, (R,), torch.long, k.device, LocalAttentionCache.EMPTY)
+        slots = positions % R
+        cache.k.index_copy_(2, slots, k)
+        cache.v.index_copy_(2, slots, v)
+        cache.pos.index_copy_(0, slots, positions)
+
+    def _decode(self, x: Tensor, cache: LocalAttentionCache) -> Tensor:
+        """x [b, 1, dim] at position p -> [b, 1, dim]: the query sees the keys of windows
+        p // w - look_backward .. p // w up to p (as local_attention_reference)."""
+        b = x.shape[0]
+        h, dh, w, R = self.heads, self.dim_head, self.window_size, self._ring()
+        pos = cache.position.tensor
+        q, k, v = self.to_qkv(x).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [b, h, 1, dh]
+        if self.rotary is not None:
+            freqs = self.rotary(pos.view(1))
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+        slot = (pos % R).view(1)
+        cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
+        cache.v.index_copy_(2, slot, v.to(cache.v.dtype))
+        cache.pos.index_copy_(0, slot, pos.view(1))
+        visible = (cache.pos >= (pos // w - self.look_backward) * w) & (cache.pos <= pos)
+        if self.exact_windowsize:
+            visible = visible & (pos - cache.pos <= w * self.look_backward)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 scores and softmax, as the kernels
+            sim = torch.matmul(q.to(acc) * dh**-0.5, cache.k.to(acc).transpose(2, 3))  # [b, h, 1, R]
+            attn = sim.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            out = torch.matmul(attn, cache.v.to(acc)).to(q.dtype)  # [b, h, 1, dh]
+        return self.to_out(out.transpose(1, 2).reshape(b, 1, h * dh))
 
     def extra_repr(self) -> str:
         return (
