@@ -37,8 +37,12 @@ single process is refused (exit 2). With --grad-accum N the gradients are reduce
 on the last micro-batch. The checkpoint holds the full (unsharded) model and optimizer state,
 gathered on rank 0, so one file resumes in one process, under DDP or under FSDP, on any number of
 processes that divides its global batch (processes x --batch-size, which a resumed run keeps).
---compile compiles each block on its own (regional compilation, which composes with DDP and
-FSDP2); --cuda-graphs also captures them in CUDA graphs. A rank that fails prints its error with
+On one CUDA device the run takes its fastest path by default: each block compiled on its own
+(--compile, regional compilation) and the training step run as one CUDA graph (--cuda-graphs):
+after two eager steps the whole step (every micro-batch's forward and backward, the clipping, the
+optimizer) is captured once and then replayed, so the host's cost per operation is paid once per
+run instead of once per step. --eager opts out of both, --no-compile of the compilation. Under
+torchrun the steps are eager unless --compile (which composes with DDP and FSDP2). A rank that fails prints its error with
 its rank and exits at once (code 1) without waiting for the others, which stop when their next
 collective fails, when torchrun stops them, or after --dist-timeout seconds.
 """
@@ -161,9 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="compile each block on its own (torch.compile backend, default inductor; aot_eager to rule inductor out)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA: compile each block with mode=reduce-overhead (CUDA graphs; the host cost per op goes)")
+                   help="compile each block on its own (torch.compile backend, default inductor; aot_eager to rule inductor "
+                        "out); the default on one CUDA device")
+    p.add_argument("--no-compile", action="store_true", help="leave the blocks uncompiled (the step is still captured on CUDA)")
+    p.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="capture the training step in one CUDA graph and replay it (the default on one CUDA device)")
+    p.add_argument("--eager", action="store_true", help="plain eager steps: no captured step, no compilation")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP; needs torchrun")
     p.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
@@ -191,15 +198,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise RunError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     if args.compile is not None and args.compile not in torch.compiler.list_backends(exclude_tags=()):
         raise RunError(f"--compile {args.compile}: not a torch.compile backend; use inductor (the default) or aot_eager")
-    if args.cuda_graphs:
-        if args.compile not in (None, "inductor"):
-            raise RunError(f"--cuda-graphs compiles with inductor; leave out --compile {args.compile}")
-        if args.fsdp:
-            # FSDP2 frees and re-gathers each block's parameters every step, at new addresses:
-            # graphs would re-record (or read freed memory) instead of replaying.
-            raise RunError("--cuda-graphs does not work with --fsdp (the gathered parameters move every step); "
-                           "use --compile with --fsdp, or --cuda-graphs with DDP")
-        args.compile = "inductor"
+    if args.eager and (args.compile is not None or args.cuda_graphs):
+        raise RunError("--eager runs plain eager steps; leave out --compile and --cuda-graphs")
+    if args.no_compile and args.compile is not None:
+        raise RunError(f"--no-compile and --compile {args.compile} contradict each other: pass one of them")
     if args.data is not None:
         args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
     return args
@@ -304,12 +306,22 @@ def resolve_device(device_arg: str | None, world: int, local_rank: int) -> torch
 
 
 def check_parallel_flags(args: argparse.Namespace, world: int, device: torch.device) -> None:
-    """The flags that need several processes or a GPU, refused where they cannot work."""
+    """The flags that need several processes or a GPU, refused where they cannot work; the step's
+    default mode (one CUDA device: blocks compiled, the step captured; otherwise eager)."""
     if args.fsdp and world == 1:
         raise RunError("--fsdp shards the model over several processes: start it with torchrun --nproc_per_node=N "
                        "(N > 1), or leave --fsdp out")
     if args.cuda_graphs and device.type != "cuda":
         raise RunError(f"--cuda-graphs needs a CUDA device (this run is on {device}); leave it out or use --compile")
+    if args.cuda_graphs and world > 1:
+        # FSDP2 re-gathers each block's parameters every step at new addresses, and DDP's
+        # collectives in a graph need a warm-up protocol of their own: one process only.
+        raise RunError("--cuda-graphs captures one process' step; under torchrun leave it out (use --compile)")
+    fastest = device.type == "cuda" and world == 1 and not args.eager  # measured: benchmarks/RESULTS.md
+    if args.cuda_graphs is None:
+        args.cuda_graphs = fastest
+    if args.compile is None and fastest and not args.no_compile:
+        args.compile = "inductor"
 
 
 def init_distributed(device: torch.device, world: int, timeout_s: float) -> bool:
@@ -461,6 +473,7 @@ class Run:
     train_steps: int = 0
     warmup: tuple[int, float] | None = None  # (train_steps, train_time) at this process' first flush
     plot_noted: bool = False
+    captured: CapturedStep | None = None  # --cuda-graphs
 
     @property
     def is_main(self) -> bool:
@@ -486,15 +499,9 @@ class Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
 
-    def graph_step(self) -> None:
-        """Before each training forward under --cuda-graphs: the previous step's graph outputs are dead."""
-        if self.args.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-
     def eager(self):
-        """Evaluation and sampling run the compiled blocks eagerly: no second compile (and graph
-        pool) for no-grad mode, no new graph for every context length while sampling; a few
-        batches every --eval-every steps."""
+        """Evaluation and sampling run the compiled blocks eagerly: no second compile for no-grad
+        mode and for every context length while sampling; a few batches every --eval-every steps."""
         return torch.compiler.set_stance("force_eager") if self.args.compile else nullcontext()
 
 
@@ -559,15 +566,8 @@ def distribute(model: CoLT5LanguageModel, args: argparse.Namespace, *, world: in
     if args.compile:
         # Regional compilation: the blocks share one compiled graph, DDP's and FSDP2's hooks stay
         # outside it (a whole-model compile of DDP splits the graph at bucket boundaries).
-        options = {"mode": "reduce-overhead"} if args.cuda_graphs else {}
         for unit in units:
-            unit.compile(backend=args.compile, **options)
-    if args.cuda_graphs:
-        # Gradients must accumulate into buffers that live outside the graphs' memory pool (a
-        # .grad allocated by a replay is overwritten by the next one), so they exist before the
-        # first step and are zeroed in place, never set to None (see apply_update).
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
+            unit.compile(backend=args.compile)
     if world == 1 or args.fsdp:
         return model, None
     # A context within one routing window gives the routers no gradient (the first window is
@@ -590,7 +590,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.de
     groups = [{"params": [p for _, p in named], "weight_decay": wd} for wd, named in param_groups(model)]
     # fused on CUDA: one kernel per parameter group instead of one per op and group (foreach);
     # the step is bound by the host's cost per launch on the H200 host (benchmarks/RESULTS.md).
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None)
+    # capturable: the captured step (CapturedStep) reads the learning rate from a device tensor.
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda" or None,
+                                  capturable=bool(args.cuda_graphs))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps))
     return optimizer, scheduler
 
@@ -615,6 +617,8 @@ def restore(run: Run, checkpoint: dict, path: Path) -> None:
         set_state_dict(run.model, run.optimizer, model_state_dict=checkpoint["model"],
                        optim_state_dict=named_optimizer_state(checkpoint["optimizer"], run.model),
                        options=StateDictOptions(full_state_dict=True))
+        for group in run.optimizer.param_groups:  # this run's mode, not the saved run's
+            group["capturable"] = bool(run.args.cuda_graphs)
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.sampler.load_state_dict(checkpoint["sampler"])
         set_rng_state(checkpoint["rng"], run.device)
@@ -672,7 +676,7 @@ def set_up(argv: list[str] | None) -> Run | dict:
     log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}, {n_params / 1e6:.2f}M "
         f"parameters; device {device}, precision {args.precision}, world size {world}"
         f"{f' ({parallel})' if world > 1 else ''}{f', compiled ({args.compile})' if args.compile else ''}"
-        f"{', CUDA graphs' if args.cuda_graphs else ''}")
+        f"{', the step captured in a CUDA graph' if args.cuda_graphs else ''}")
     log(f"batch: {world} x {args.batch_size} x {args.grad_accum} sequences of {args.seq_len} bytes per step, {args.steps} steps")
     net, ddp = distribute(model, args, world=world, device=device)
     optimizer, scheduler = build_optimizer(model, args, device)
@@ -683,6 +687,8 @@ def set_up(argv: list[str] | None) -> Run | dict:
         resumed_from = f" (saved by {saved_world} process{'es' if saved_world > 1 else ''})" if saved_world != world else ""
         log(f"resumed from {out / CHECKPOINT} at step {run.step}{resumed_from}")
     run.committed = {"sampler": sampler.state_dict(), "rng": rng_state(device)}
+    if args.cuda_graphs:
+        run.captured = CapturedStep(run)
     if run.is_main and out is not None:
         prepare_out_dir(out, records, overwrite=args.overwrite)
     return run
@@ -755,36 +761,111 @@ def gradient_sync(run: Run, last: bool):
     return nullcontext()
 
 
-def forward_backward(run: Run) -> torch.Tensor:
-    """One step's micro-batches, gradients accumulated; returns the step's mean loss (no sync)."""
-    args = run.args
+def load_batches(run: Run, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The step's micro-batches [grad_accum, b, seq_len + 1] on the device, copied into `out` (the
+    captured step's static input) when given; no sync."""
+    batches = torch.stack([run.sampler.next_batch() for _ in range(run.args.grad_accum)])
+    if run.device.type == "cuda":
+        batches = batches.pin_memory()  # from pageable memory a non_blocking copy is not asynchronous
+    if out is None:
+        return batches.to(run.device, non_blocking=True)
+    return out.copy_(batches, non_blocking=True)
+
+
+def forward_backward(run: Run, batches: torch.Tensor) -> torch.Tensor:
+    """The step's micro-batches, gradients accumulated; returns the step's mean loss (no sync)."""
+    accum = len(batches)
     step_loss = torch.zeros((), device=run.device)
-    for micro in range(args.grad_accum):
-        batch = run.sampler.next_batch()
-        if run.device.type == "cuda":
-            batch = batch.pin_memory()  # from pageable memory a non_blocking copy is not asynchronous
-        batch = batch.to(run.device, non_blocking=True)
-        with gradient_sync(run, micro == args.grad_accum - 1):
-            run.graph_step()
+    for micro, batch in enumerate(batches):
+        with gradient_sync(run, micro == accum - 1):
             with run.autocast():
                 logits = run.net(batch[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-            (loss / args.grad_accum).backward()
-        step_loss += loss.detach() / args.grad_accum
+            (loss / accum).backward()
+        step_loss += loss.detach() / accum
     return step_loss
 
 
-def apply_update(run: Run) -> torch.Tensor:
-    """Clip, step the optimizer and schedule; returns 1.0 if the gradient norm was not finite (no sync)."""
+def optimizer_step(run: Run) -> torch.Tensor:
+    """Clip and step the optimizer; returns 1.0 if the gradient norm was not finite (no sync)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
     if run.args.fsdp:  # a DTensor: the norm over every rank's shards, replicated
         grad_norm = grad_norm.full_tensor()
     run.optimizer.step()
+    return (~torch.isfinite(grad_norm)).float()
+
+
+def training_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step, eager or captured: (its mean loss, 1.0 if its gradient norm was not
+    finite), no sync. Then the schedule's step on the host."""
+    if run.captured is not None:
+        loss, bad = run.captured(run)
+    else:
+        loss = forward_backward(run, load_batches(run))
+        bad = optimizer_step(run)
+        run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=not run.args.cuda_graphs)  # see distribute
     run.step += 1
     run.committed = {"sampler": run.sampler.state_dict(), "rng": rng_state(run.device)}
-    return (~torch.isfinite(grad_norm)).float()
+    return loss, bad
+
+
+class CapturedStep:
+    """The training step as one CUDA graph (--cuda-graphs, the default on one CUDA device).
+
+    The first WARMUP steps run eagerly on a side stream (compilation, the optimizer's state, the
+    first call of every kernel); the next one is captured and it and every later step replay the
+    graph: the host copies the micro-batches into a static input and the learning rate into a
+    device tensor, and one launch runs every forward and backward, the clipping and the
+    optimizer, writing the loss and the non-finite flag to static outputs. The gradients live in
+    the graph's memory pool and each replay writes them afresh. Nothing in a step waits for the
+    host, which is what lets it be captured; evaluation and sampling run eagerly in between.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, run: Run) -> None:
+        a = run.args
+        self.batches = torch.zeros((a.grad_accum, a.batch_size, a.seq_len + 1), dtype=torch.long, device=run.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_steps = 0
+        self.lrs: list[torch.Tensor] = []
+        self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def warming_up(self) -> bool:
+        return self.graph is None
+
+    def __call__(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
+        load_batches(run, out=self.batches)
+        if self.graph is None and self.eager_steps < self.WARMUP:
+            side = torch.cuda.Stream(run.device)
+            side.wait_stream(torch.cuda.current_stream(run.device))
+            with torch.cuda.stream(side):
+                loss = forward_backward(run, self.batches)
+                bad = optimizer_step(run)
+                run.optimizer.zero_grad(set_to_none=True)  # the capture starts from no gradients
+            torch.cuda.current_stream(run.device).wait_stream(side)
+            self.eager_steps += 1
+            return loss, bad
+        if self.graph is None:
+            self._capture(run)
+        for group, lr in zip(run.optimizer.param_groups, self.lrs):
+            if group["lr"] is not lr:  # the scheduler set a number (torch < 2.7 replaces the tensor)
+                lr.fill_(group["lr"])
+                group["lr"] = lr
+        self.graph.replay()
+        loss, bad = self.outputs
+        return loss.clone(), bad.clone()  # the next replay overwrites the static outputs
+
+    def _capture(self, run: Run) -> None:
+        for group in run.optimizer.param_groups:
+            self.lrs.append(torch.tensor(float(group["lr"]), device=run.device))
+            group["lr"] = self.lrs[-1]
+        torch.cuda.synchronize(run.device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels without running them
+            self.outputs = (forward_backward(run, self.batches), optimizer_step(run))
 
 
 def emit(run: Run, record: dict) -> None:
@@ -853,10 +934,16 @@ def train(run: Run, guard: InterruptGuard) -> None:
     t0 = time.perf_counter()
     run.model.train()
     while run.step < stop:
-        loss = forward_backward(run)
-        with guard.update():
-            run.bad_grads += apply_update(run)
+        warming = run.captured.warming_up if run.captured is not None else bool(args.compile) and run.train_steps == 0
+        if warming:  # the first steps take seconds: say why
+            doing = ["compiling"] * bool(args.compile) + ["capturing the step"] * (run.captured is not None)
+            bar.set_description(f"warm-up ({', '.join(doing)})")
+        with guard.update():  # the step is whole or not taken when Ctrl-C comes
+            loss, bad = training_step(run)
+            run.bad_grads += bad
             run.pending.append(loss)
+        if warming and not (run.captured is not None and run.captured.warming_up):
+            bar.set_description(None)
         run.train_steps += 1
         bar.update(1)
 
@@ -1041,9 +1128,13 @@ def checkpoint(run: Run) -> None:
         run.saved_step = run.step
         return
     path = run.out / CHECKPOINT
+    # The captured step's learning rates are device tensors: stored as numbers, as in every mode.
+    optimizer_state["param_groups"] = [{**g, "lr": float(g["lr"])} for g in optimizer_state["param_groups"]]
+    scheduler_state = run.scheduler.state_dict()
+    scheduler_state["_last_lr"] = [float(lr) for lr in scheduler_state.get("_last_lr", [])]
     try:
         save_checkpoint(path, dict(
-            model=model_state, optimizer=optimizer_state, scheduler=run.scheduler.state_dict(),
+            model=model_state, optimizer=optimizer_state, scheduler=scheduler_state,
             sampler=run.committed["sampler"], rng=run.committed["rng"], step=run.step, args=vars(run.args),
             world_size=run.world,
         ))
@@ -1097,6 +1188,7 @@ def summarize(run: Run, wall_start: float) -> dict:
         "world_size": run.world, "parallel": run.parallel, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
         "precision": args.precision, "seq_len": args.seq_len, "step": run.step,
         "train_tokens_per_s": run.tokens_per_s(),
+        "warmup_s": run.warmup[1] if run.warmup else None,  # the first --log-every steps: compiling, capturing
         "final_val_bpc": run.last_val,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "wall_s": time.perf_counter() - wall_start, "corpus": run.corpus.name, "corpus_bytes": run.corpus.num_bytes,
@@ -1108,7 +1200,8 @@ def summarize(run: Run, wall_start: float) -> dict:
         print(
             f"SUMMARY model={kind} params={n_params / 1e6:.2f}M device={summary['device']} x{run.world} "
             f"parallel={run.parallel} precision={args.precision} seq_len={args.seq_len} steps={run.step} "
-            f"tokens/s={fmt(summary['train_tokens_per_s'], ',.0f')} val_bpc={fmt(run.last_val, '.4f')} "
+            f"tokens/s={fmt(summary['train_tokens_per_s'], ',.0f')} warmup={fmt(summary['warmup_s'], '.1f')}s "
+            f"val_bpc={fmt(run.last_val, '.4f')} "
             f"peak_mem_gib={fmt(summary['peak_mem_gib'], '.2f')} wall={summary['wall_s']:.1f}s"
         )
     return summary
