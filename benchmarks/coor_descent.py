@@ -15,6 +15,7 @@ iteration, the output's included).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import statistics
 import subprocess
@@ -58,34 +59,43 @@ def peak_mb(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+@contextlib.contextmanager
+def forced_plan(**overrides):
+    """Every soft top-k launch inside takes `make_plan(..., **overrides)` (the plan chooser is
+    swapped for the duration)."""
+    cd = importlib.import_module("colt5.kernels.soft_topk")
+    chosen = cd.plan_for
+    cd.plan_for = lambda rows, n, device: cd.make_plan(rows, n, device, **overrides)
+    try:
+        yield
+    finally:
+        cd.plan_for = chosen
+
+
 def check() -> None:
     """CUDA parity against the float64 reference on the code paths the plans pick."""
-    cd = importlib.import_module("colt5.kernels.soft_topk")
     torch.manual_seed(0)
     cases = [(4, 1000, {}), (3, 50000, {}), (2, 131072, {}), (2, 131072, {"cooperative": False}),
              (64, 40000, {}), (5, 777, {"block_n": 128})]
     print("check: rows x n, forced plan, masked, per-row k -> rel err y, rel err ds, rel err dk")
     for rows, n, force in cases:
-        cd._FORCE.clear()
-        cd._FORCE.update(force)
         s = torch.randn(rows, n, device="cuda", requires_grad=True)
         mask = torch.rand(rows, n, device="cuda") > 0.2
         k = (torch.rand(rows, device="cuda") * n / 4 + 1).requires_grad_()
-        y = triton_coor_descent(s, k=k, mask=mask, **CONFIG)
-        g = torch.randn_like(y)
-        ds, dk = torch.autograd.grad(y, (s, k), g)
+        with forced_plan(**force):
+            y = triton_coor_descent(s, k=k, mask=mask, **CONFIG)
+            g = torch.randn_like(y)
+            ds, dk = torch.autograd.grad(y, (s, k), g)
         s64, k64 = s.detach().double().requires_grad_(), k.detach().double().requires_grad_()
         y64 = coor_descent_reference(s64, k=k64, mask=mask, **CONFIG)
         ds64, dk64 = torch.autograd.grad(y64, (s64, k64), g.double())
         errs = [((a.double() - b).norm() / b.norm()).item() for a, b in ((y, y64), (ds, ds64), (dk, dk64))]
         print(f"  {rows}x{n} {force or 'default'}: " + " ".join(f"{e:.2e}" for e in errs))
-    cd._FORCE.clear()
 
 
 def tune() -> None:
     """Forward / forward+backward GPU times (CUDA-graph replay) of forced launch plans, to pick
     the heuristics."""
-    cd = importlib.import_module("colt5.kernels.soft_topk")
     variants = [{}, {"num_warps": 1}, {"num_warps": 2}, {"num_warps": 4}, {"num_warps": 8}, {"num_warps": 16},
                 {"split_len": 2048}, {"split_len": 8192}, {"split_len": 32768}, {"cooperative": False}]
     for rows, n in SHAPES:
@@ -95,13 +105,11 @@ def tune() -> None:
         for force in variants:
             if force.get("split_len", 0) > n:
                 continue
-            cd._FORCE.clear()
-            cd._FORCE.update(force)
-            f = graph_us(lambda: triton_coor_descent(s, k=n / 8, **CONFIG))
-            fb = graph_us(lambda: triton_coor_descent(sg, k=n / 8, **CONFIG).backward(g), (sg,))
+            with forced_plan(**force):
+                f = graph_us(lambda: triton_coor_descent(s, k=n / 8, **CONFIG))
+                fb = graph_us(lambda: triton_coor_descent(sg, k=n / 8, **CONFIG).backward(g), (sg,))
             line.append(f"{','.join(f'{k[:5]}={v}' for k, v in force.items()) or 'default'}:{f:.1f}/{fb:.1f}")
         print(f"tune {rows}x{n}: " + "  ".join(line))
-    cd._FORCE.clear()
 
 
 # Issue 2's figures for a Triton implementation that recomputes the chain in its backward

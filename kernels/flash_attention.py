@@ -61,6 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .flash_attention_reference import attention_reference, local_attention_packed_reference
+from . import runtime
 from .runtime import INTERPRET, kernel_op, off_current_device, register_fake, require_triton
 
 __all__ = ["attention", "local_attention_packed", "block_ranges", "check_int", "resolve_look", "triton_supports"]
@@ -75,11 +76,6 @@ FWD_BLOCK_M, FWD_BLOCK_N, FWD_STAGES = 128, 64, 3
 FWD_BLOCK_M_FP32, FWD_STAGES_FP32 = 64, 2
 BWD_BLOCK_M, BWD_BLOCK_N, BWD_STAGES = 64, 64, 2
 NUM_WARPS, NUM_WARPS_DH128 = 4, 8
-
-# Tests set these: block sizes {"fwd": (bm, bn), "bwd": (bm, bn)}; NaN-fill outputs and partials
-# before the kernels write them.
-_FORCE_BLOCKS: dict = {}
-_POISON = False
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -477,17 +473,14 @@ def _layout(q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     return q, kv.select(3, 0), kv.select(3, 1)
 
 
-def _configs(dtype: torch.dtype, dh: int) -> tuple[tuple, tuple]:
-    """(fwd (BLOCK_M, BLOCK_N, stages), bwd (BLOCK_M, BLOCK_N, stages), num_warps)."""
+def _configs(dtype: torch.dtype, dh: int) -> tuple[tuple, tuple, int]:
+    """(fwd (BLOCK_M, BLOCK_N, stages), bwd (BLOCK_M, BLOCK_N, stages), num_warps) of every launch
+    (tests replace this function to force small tiles)."""
     if dtype == torch.float32:
         fwd = (FWD_BLOCK_M_FP32, FWD_BLOCK_N, FWD_STAGES_FP32)
     else:
         fwd = (FWD_BLOCK_M, FWD_BLOCK_N, FWD_STAGES)
     bwd = (BWD_BLOCK_M, BWD_BLOCK_N, BWD_STAGES)
-    if "fwd" in _FORCE_BLOCKS:
-        fwd = (*_FORCE_BLOCKS["fwd"], fwd[2])
-    if "bwd" in _FORCE_BLOCKS:
-        bwd = (*_FORCE_BLOCKS["bwd"], bwd[2])
     return fwd, bwd, (NUM_WARPS_DH128 if dh >= 128 else NUM_WARPS)
 
 
@@ -538,10 +531,7 @@ class _Plan:
 
 
 def _empty(shape, like: Tensor, dtype=None) -> Tensor:
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if _POISON:
-        out.fill_(float("nan"))
-    return out
+    return runtime.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_window, kv_window, kv_span,
@@ -620,7 +610,7 @@ def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: b
     for the local mode, window_slots = (Cq, Ckv) for the heavy windowed mode, with kv_span
     optionally. For tests."""
     blocks = triton.cdiv(n_kv if for_keys else n_q, block_n if for_keys else block_m)
-    out = torch.empty((blocks, 2), dtype=torch.int32, device=device)
+    out = runtime.empty((blocks, 2), dtype=torch.int32, device=device)
     w, lb, lf, causal, exact = window if window is not None else (1, 0, 0, False, False)
     cq, ckv = window_slots if window_slots is not None else (1, 1)
     _ranges_kernel[(blocks,)](

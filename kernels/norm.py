@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import runtime
 from .runtime import kernel_op, off_current_device, register_fake
 
 BLOCK_ROWS = 16  # rows per program (d up to a few thousand stays in registers)
@@ -112,10 +113,10 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor, eps: float,
     b, n, d = x.shape
     R = tokens.shape[0]
     x = x.contiguous()
-    xn = torch.empty((b, n, d), device=x.device, dtype=out_dtype)
-    scores = torch.empty((b, R, n), device=x.device, dtype=torch.float32)
-    mean = torch.empty(b * n, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    xn = runtime.empty((b, n, d), device=x.device, dtype=out_dtype)
+    scores = runtime.empty((b, R, n), device=x.device, dtype=torch.float32)
+    mean = runtime.empty((b * n,), device=x.device, dtype=torch.float32)
+    rstd = runtime.empty((b * n,), device=x.device, dtype=torch.float32)
     if b * n:
         grid, block_d, warps = _launch_shape(b * n, d)
         _norm_score_fwd_kernel[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), xn, scores, mean, rstd,
@@ -140,9 +141,9 @@ def _bwd_op(dxn: Tensor | None, dscores: Tensor | None, x: Tensor, weight: Tenso
     b, n, d = x.shape
     R = tokens.shape[0]
     x = x.contiguous()
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dx = runtime.empty(x.shape, device=x.device, dtype=x.dtype)
     grid, block_d, warps = _launch_shape(b * n, d)
-    part = torch.empty((grid[0], 2 + R, d), device=x.device, dtype=torch.float32)
+    part = runtime.empty((grid[0], 2 + R, d), device=x.device, dtype=torch.float32)
     if b * n:
         _norm_score_bwd_kernel[grid](x, weight.contiguous(), bias.contiguous(), tokens.contiguous(), mean, rstd,
                                      x if dxn is None else dxn.contiguous(), x if dscores is None else dscores.contiguous(),

@@ -3,7 +3,7 @@
 Triton decides when a `@triton.jit` function is defined whether it runs compiled or under its
 interpreter (`TRITON_INTERPRET=1`, which runs the kernels on CPU tensors: how CI checks them).
 Triton launches on the current CUDA device, so an entry point given tensors on another device
-switches to it first.
+switches to it first. Kernel outputs and workspaces are allocated with `empty`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def off_current_device(t: Tensor) -> bool:
     `torch.cuda.device(t.device)`). False while torch.compile traces: compiled code runs under
     inductor's device guard."""
     return t.is_cuda and not torch.compiler.is_compiling() and t.get_device() != torch.cuda.current_device()
+
+
+# What every launcher allocates its outputs and workspaces with (as `runtime.empty(shape, dtype=,
+# device=)`): the kernels write each element before anything reads it, and tests replace this one
+# name with a poisoned fill to catch an element they leave unwritten. torch.empty itself: no cost.
+empty = torch.empty
 
 
 _PLAIN_TENSORS = (Tensor, torch.nn.Parameter)

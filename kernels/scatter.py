@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import runtime
 from .runtime import kernel_op, off_current_device, register_fake
 
 BLOCK_ROWS = 16  # rows per program; a row of d <= 1024 stays in one block of BLOCK_D
@@ -110,7 +111,7 @@ def _scatter_op(base: Tensor, light: Tensor | None, routed: Tensor, indices: Ten
             return _scatter_op(base, light, routed, indices, weights, real, null)
     b, n, d = base.shape
     k = indices.shape[1]
-    out = torch.empty(base.shape, device=base.device, dtype=base.dtype)
+    out = runtime.empty(base.shape, device=base.device, dtype=base.dtype)
     grid, block_d = _grid_and_block(b * n, d)
     light_arg = base if light is None else light.contiguous()
     null_arg = base if null is None else null.contiguous()
@@ -140,10 +141,10 @@ def _scatter_bwd_op(g: Tensor, routed: Tensor, indices: Tensor, weights: Tensor 
     b, n, d = g.shape
     k = indices.shape[1]
     g = g.contiguous()
-    d_routed = torch.empty(routed.shape, device=g.device, dtype=routed.dtype)
-    d_w = g.new_empty((b, k) if weights is not None else (0,), dtype=torch.float32)
+    d_routed = runtime.empty(routed.shape, device=g.device, dtype=routed.dtype)
+    d_w = runtime.empty((b, k) if weights is not None else (0,), device=g.device, dtype=torch.float32)
     grid, block_d = _grid_and_block(b * k, d)
-    partial = g.new_empty((grid[0], d) if has_null else (0,), dtype=torch.float32)
+    partial = runtime.empty((grid[0], d) if has_null else (0,), device=g.device, dtype=torch.float32)
     if b * k:
         _sparse_bwd_kernel[grid](g, routed.contiguous(), indices.contiguous(), g if weights is None else weights.contiguous(),
                                  g if real is None else real.contiguous().view(torch.uint8), d_routed, d_w, partial,

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .checks import check_mask, check_scores
+from . import runtime
 from .runtime import INTERPRET, kernel_op, off_current_device, register_fake
 
 # Largest row a program keeps in registers (uint32 keys); longer rows are streamed per pass.
@@ -133,17 +134,13 @@ def _top_k_indices_kernel(
             picked_before += tl.sum(picked.to(tl.int32), axis=0)
 
 
-# Tests set these: stream tiny rows in chunks; fill the output with -1 before the kernel writes.
-_FORCE_BLOCK: int | None = None
-_POISON = False
-
-
 def _launch_select(s: Tensor, mask: Tensor | None, k: int, out: Tensor, *, mask_div: int = 1, weights: Tensor | None = None,
-                   real: Tensor | None = None, stats: Tensor | None = None, straight_through: bool = False) -> None:
+                   real: Tensor | None = None, stats: Tensor | None = None, straight_through: bool = False,
+                   block_n: int | None = None) -> None:
     rows, n = s.shape
     if rows == 0:
         return
-    block_n = _FORCE_BLOCK or min(MAX_REG_BLOCK, 1 << (n - 1).bit_length())  # next power of 2
+    block_n = block_n or min(MAX_REG_BLOCK, 1 << (n - 1).bit_length())  # next power of 2
     # warps: <= 64 keys per thread; the two cumsums over a 32768-row need the 16 warps
     num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
     mask_arg = mask.contiguous().view(torch.uint8) if mask is not None else s
@@ -156,16 +153,15 @@ def _launch_select(s: Tensor, mask: Tensor | None, k: int, out: Tensor, *, mask_
     )
 
 
-def top_k_indices_triton(s: Tensor, mask: Tensor | None, k: int) -> Tensor:
-    """[rows, n] -> [rows, k] int64 on the Triton kernel (no argument checks)."""
+def top_k_indices_triton(s: Tensor, mask: Tensor | None, k: int, *, block_n: int | None = None) -> Tensor:
+    """[rows, n] -> [rows, k] int64 on the Triton kernel (no argument checks). block_n: the chunk
+    a pass reads (a power of 2; default the row's, up to MAX_REG_BLOCK): below n the row streams."""
     if off_current_device(s):  # Triton launches on the current device
         with torch.cuda.device(s.device):
-            return top_k_indices_triton(s, mask, k)
+            return top_k_indices_triton(s, mask, k, block_n=block_n)
     s = s.contiguous()
-    out = torch.empty((s.shape[0], k), device=s.device, dtype=torch.int64)
-    if _POISON:
-        out.fill_(-1)
-    _launch_select(s, mask, k, out)
+    out = runtime.empty((s.shape[0], k), device=s.device, dtype=torch.int64)
+    _launch_select(s, mask, k, out, block_n=block_n)
     return out
 
 
@@ -176,12 +172,9 @@ def route_picks_triton(s: Tensor, mask: Tensor | None, k: int, stats: Tensor, *,
     mask)). stats: the soft top-k's statistics of these rows."""
     s = s.contiguous()
     rows = s.shape[0]
-    out = s.new_empty((rows, k), dtype=torch.int64)
-    weights = s.new_empty((rows, k), dtype=torch.float32)
-    real = torch.ones((rows, k), device=s.device, dtype=torch.bool)
-    if _POISON:
-        out.fill_(-1)
-        weights.fill_(float("nan"))
+    out = runtime.empty((rows, k), dtype=torch.int64, device=s.device)
+    weights = runtime.empty((rows, k), dtype=torch.float32, device=s.device)
+    real = torch.ones((rows, k), device=s.device, dtype=torch.bool)  # written by the kernel only with a mask
     _launch_select(s, mask, k, out, mask_div=mask_div, weights=weights, real=real.view(torch.int8), stats=stats,
                    straight_through=straight_through)
     return out, weights, real

@@ -24,6 +24,7 @@ from torch import Tensor
 from .checks import check_coor_descent_args, checked_k, eps_schedule
 from .soft_topk_kernels import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
 from .reference import coor_descent_offset_reference, coor_descent_reference
+from . import runtime
 from .runtime import INTERPRET, kernel_op, off_current_device, register_fake, require_triton
 
 # Largest chunk a program keeps in registers (fp32 scores): 32768 = 128 per thread at 8 warps.
@@ -31,11 +32,6 @@ MAX_REG_BLOCK = 32768
 # A row is split over programs when rows alone leave most SMs idle and a row is this long.
 MIN_SPLIT_N = 16384
 MIN_SPLIT_LEN = 4096
-
-# Tests set these to force small chunks / splits / the multi-launch path on tiny rows, and to
-# fill outputs with NaN before the kernels write them (an unwritten element then fails).
-_FORCE: dict = {}
-_POISON = False
 
 
 @dataclass(frozen=True)
@@ -65,19 +61,19 @@ def _num_sms(device: torch.device) -> int:
     return 132
 
 
-def plan_for(rows: int, n: int, device: torch.device) -> Plan:
-    return _make_plan(rows, n, device, **_FORCE) if _FORCE else _cached_plan(rows, n, device)
-
-
 @functools.lru_cache(maxsize=1024)
-def _cached_plan(rows: int, n: int, device: torch.device) -> Plan:
-    return _make_plan(rows, n, device)
+def plan_for(rows: int, n: int, device: torch.device) -> Plan:
+    """The plan every launch of a [rows, n] call uses (tests replace this function to force one
+    of `make_plan`'s plans on small rows)."""
+    return make_plan(rows, n, device)
 
 
-def _make_plan(
+def make_plan(
     rows: int, n: int, device: torch.device, *, block_n: int | None = None, split_len: int | None = None,
     cooperative: bool = True, num_warps: int | None = None,
 ) -> Plan:
+    """The heuristic plan; a keyword given caps the chunk (block_n), fixes the split length,
+    turns the cooperative kernel off or fixes the warps."""
     sms = _num_sms(device)
     if split_len is None:
         if n >= MIN_SPLIT_N and rows * 2 <= sms:
@@ -102,7 +98,7 @@ def _split_buffers(device: torch.device, plan: Plan, n_partials: int) -> tuple[T
     """Partial sums of split rows (fp32) and the cooperative barrier's counters (int64, zeroed:
     a barrier counts rounds of a row's programs from any multiple of n_splits, so the forward's
     counters serve its backward too)."""
-    part = torch.empty(n_partials, device=device, dtype=torch.float32)
+    part = runtime.empty(n_partials, device=device, dtype=torch.float32)
     return part, torch.zeros(plan.rows if plan.cooperative else 1, device=device, dtype=torch.int64)
 
 
@@ -121,11 +117,8 @@ def coor_descent_fwd(
                                     write_y=write_y, mask_div=mask_div)
     s = s.contiguous()
     rows, n = s.shape
-    y = torch.empty_like(s) if write_y else s.new_empty(0)
-    stats = s.new_empty((rows, _N_STATS, n_iters + 1), dtype=torch.float32)
-    if _POISON:
-        y.fill_(float("nan"))
-        stats.fill_(float("nan"))
+    y = runtime.empty(s.shape, dtype=s.dtype, device=s.device) if write_y else s.new_empty(0)
+    stats = runtime.empty((rows, _N_STATS, n_iters + 1), dtype=torch.float32, device=s.device)
     if rows == 0 or n == 0:
         return y, stats.zero_()
     plan = plan_for(rows, n, s.device)
@@ -156,12 +149,8 @@ def coor_descent_bwd(
             return coor_descent_bwd(gy, s, mask, k_rows, stats, n_iters, ga, mask_div=mask_div)
     s = s.contiguous()
     rows, n = s.shape
-    ds = torch.empty_like(s)
-    dk = None if k_rows is None else s.new_empty(rows, dtype=torch.float32)
-    if _POISON:
-        ds.fill_(float("nan"))
-        if dk is not None:
-            dk.fill_(float("nan"))
+    ds = runtime.empty(s.shape, dtype=s.dtype, device=s.device)
+    dk = None if k_rows is None else runtime.empty(rows, dtype=torch.float32, device=s.device)
     if rows == 0 or n == 0:
         return ds, (dk.zero_() if dk is not None else None)
     plan = plan_for(rows, n, s.device)

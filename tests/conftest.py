@@ -71,34 +71,52 @@ def literal_coor_descent(s, *, n_iters, k, eps, eps_init, eps_decay, mask):
     return a, torch.exp((s + a + b) / schedule[-1]) * mask
 
 
+def _poisoned_empty(shape, *, dtype, device):
+    """`runtime.empty` while poisoned: NaN, True for bools, an integer type's lowest value (never
+    an index or a slot), so an element no kernel writes shows in the result."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return out.fill_(float("nan"))
+    return out.fill_(True if dtype == torch.bool else torch.iinfo(dtype).min)
+
+
 @pytest.fixture
-def poisoned_kernels():
-    """Kernel outputs start as NaN (an unwritten element fails); launch knobs reset after."""
+def poisoned(monkeypatch):
+    """Every kernel output and workspace starts poisoned: a kernel that leaves an element unwritten
+    fails the test."""
+    from colt5.kernels import runtime
+
+    monkeypatch.setattr(runtime, "empty", _poisoned_empty)
+
+
+@pytest.fixture
+def force_plan(monkeypatch):
+    """`force_plan(**overrides)`: the soft top-k's launches take `make_plan(..., **overrides)`
+    (small chunks, splits, the multi-launch path on tiny rows) until the test ends."""
     import importlib
 
     cd = importlib.import_module("colt5.kernels.soft_topk")
-    cd._POISON = True
-    cd._FORCE.clear()
-    yield cd
-    cd._POISON = False
-    cd._FORCE.clear()
+
+    def force(**overrides):
+        monkeypatch.setattr(cd, "plan_for", lambda rows, n, device: cd.make_plan(rows, n, device, **overrides))
+
+    return force
 
 
 @pytest.fixture
-def attention_kernels():
-    """The flash-attention module with its outputs and partial buffers poisoned (NaN) and block
-    sizes reset around the test; `attention_kernels.force_blocks(bm, bn)` forces tile sizes."""
+def force_blocks(monkeypatch):
+    """`force_blocks(bm, bn)`: the flash-attention kernels run on bm x bn tiles, forward and
+    backward (stages and warps as chosen), until the test ends."""
     import importlib
 
     A = importlib.import_module("colt5.kernels.flash_attention")
-    A._POISON = True
-    A._FORCE_BLOCKS.clear()
-    yield A
-    A._POISON = False
-    A._FORCE_BLOCKS.clear()
+    chosen = A._configs
 
+    def force(bm: int, bn: int) -> None:
+        def configs(dtype, dh):
+            fwd, bwd, warps = chosen(dtype, dh)
+            return (bm, bn, fwd[2]), (bm, bn, bwd[2]), warps
 
-def force_attention_blocks(bm: int, bn: int) -> None:
-    import importlib
+        monkeypatch.setattr(A, "_configs", configs)
 
-    importlib.import_module("colt5.kernels.flash_attention")._FORCE_BLOCKS.update(fwd=(bm, bn), bwd=(bm, bn))
+    return force

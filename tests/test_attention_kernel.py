@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, force_attention_blocks, requires_cuda
+from conftest import TOLERANCES, assert_close, requires_cuda
 
 import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, block_ranges, local_attention_packed
@@ -19,12 +19,7 @@ F32_OUT, F32_GRAD = TOLERANCES[torch.float32]
 BF16_OUT, BF16_GRAD = TOLERANCES[torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _poisoned(attention_kernels):
-    yield
-
-
-force_blocks = force_attention_blocks
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +211,7 @@ def test_heavy_triton_matches_reference_fp32(shape, options):
      ((1, 45, 37, 2, 1, 16), dict(mask=True, scale=True), (32, 16))],
     ids=["causal-slots-blocks16", "causal-slots-span14-blocks16", "mask-scale-blocks32x16"],
 )
-def test_heavy_triton_small_blocks(shape, options, blocks):
+def test_heavy_triton_small_blocks(shape, options, blocks, force_blocks):
     """Many blocks per row and column: block skipping by window, partial last blocks."""
     force_blocks(*blocks)
     q, kv, opts = heavy_inputs(*shape, **options, seed=7)
@@ -339,7 +334,7 @@ def local_run(fn, qkv, cot, **kw):
 
 
 @pytest.mark.parametrize("case", LOCAL_CASES, ids=[_local_id(c) for c in LOCAL_CASES])
-def test_local_triton_matches_reference_fp32(case):
+def test_local_triton_matches_reference_fp32(case, force_blocks):
     n, w, causal, lb, lf, exact, masked, blocks = case
     if blocks:
         force_blocks(*blocks)

@@ -16,7 +16,7 @@ from conftest import TOLERANCES, assert_close, literal_coor_descent
 cd = importlib.import_module("colt5.kernels.soft_topk")
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_kernels")
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _inputs(rows, n, *, density, per_row_k, k, dtype=torch.float32, empty_rows=()):
@@ -65,9 +65,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_triton_matches_float64_reference(case, seeded):
+def test_triton_matches_float64_reference(case, seeded, force_plan):
     rows, n, density, per_row_k, k, n_iters, eps, eps_init, eps_decay, dtype, empty, force = CASES[case]
-    cd._FORCE.update(force)
+    force_plan(**force)
     s, mask, k = _inputs(rows, n, density=density, per_row_k=per_row_k, k=k, dtype=dtype, empty_rows=empty)
     cfg = dict(n_iters=n_iters, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
     s.requires_grad_()

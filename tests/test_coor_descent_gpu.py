@@ -18,13 +18,6 @@ cd = importlib.import_module("colt5.kernels.soft_topk")
 CONFIG = dict(n_iters=20, eps=0.05, eps_init=2.0, eps_decay=0.8)
 
 
-@pytest.fixture(autouse=True)
-def _clear_force():
-    cd._FORCE.clear()
-    yield
-    cd._FORCE.clear()
-
-
 def assert_grad_close(ds, ds64, y64, rtol):
     """At s + a_T = 0 dy/ds jumps by gy / e_T, and fp32 and fp64 a_T differ by ~1e-6 relative, so
     in a million elements a few legitimately sit on the other side of the kink: compare away
@@ -65,8 +58,8 @@ def _grads_vs_float64(rows, n, *, masked, per_row_k, dtype=torch.float32):
     ids=lambda v: str(v).replace(" ", ""),
 )
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "masked"])
-def test_cuda_parity(rows, n, force, masked, seeded):
-    cd._FORCE.update(force)
+def test_cuda_parity(rows, n, force, masked, seeded, force_plan):
+    force_plan(**force)
     y, (ds, dk), y64, (ds64, dk64) = _grads_vs_float64(rows, n, masked=masked, per_row_k=True)
     assert_close(y, y64, TOLERANCES[torch.float32][0], "y")
     assert_grad_close(ds, ds64, y64, TOLERANCES[torch.float32][1])

@@ -17,7 +17,7 @@ from conftest import assert_close, literal_coor_descent
 cd = importlib.import_module("colt5.kernels.soft_topk")
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_kernels")
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _inputs(rows, n, *, density, per_row_k, k, empty_rows=(), dtype=torch.float64):
@@ -75,17 +75,17 @@ CASES = {
 }
 
 
-def _run_case(case):
+def _run_case(case, force_plan):
     rows, n, density, per_row_k, k, n_iters, eps, eps_init, eps_decay, empty, force = CASES[case]
-    cd._FORCE.update(force)
+    force_plan(**force)
     s64, mask, k64 = _inputs(rows, n, density=density, per_row_k=per_row_k, k=k, empty_rows=empty)
     cfg = dict(n_iters=n_iters, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
     return s64, k64, cfg, per_row_k, empty
 
 
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_triton_offset_matches_float64_reference(case, seeded):
-    s64, k64, cfg, per_row_k, empty = _run_case(case)
+def test_triton_offset_matches_float64_reference(case, seeded, force_plan):
+    s64, k64, cfg, per_row_k, empty = _run_case(case, force_plan)
     s = s64.float().requires_grad_()
     k = k64.float().requires_grad_() if per_row_k else k64
     a, e = coor_descent_offset(s, k=k, backend="triton", **cfg)
@@ -112,9 +112,9 @@ def test_triton_offset_matches_float64_reference(case, seeded):
 @pytest.mark.parametrize(
     "case", ["rows4-n100-empty-rows-rowk", "rows3-n300-split-streamed-rowk-empty", "rows2-n200-split-regs"]
 )
-def test_backward_with_gy_and_ga_together(case, seeded):
+def test_backward_with_gy_and_ga_together(case, seeded, force_plan):
     """The launchers with both gradients: ga adds to abar_T once per row, also when split."""
-    s64, k64, cfg, per_row_k, _ = _run_case(case)
+    s64, k64, cfg, per_row_k, _ = _run_case(case, force_plan)
     rows, n = s64.shape
     n_iters, mask = cfg["n_iters"], cfg["mask"]
     eps_first = max(cfg["eps_init"] or cfg["eps"], cfg["eps"])

@@ -16,24 +16,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import force_attention_blocks, requires_cuda
+from conftest import requires_cuda
 
 import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, local_attention_packed
 from colt5.kernels.flash_attention_reference import heavy_visibility
 
 # The interpreter's dots multiply NaN and inf; numpy says so.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered"),
+              pytest.mark.usefixtures("poisoned")]
 
 BAD = (float("nan"), float("inf"), float("-inf"))
-
-
-@pytest.fixture(autouse=True)
-def _poisoned(attention_kernels):
-    yield
-
-
-force_blocks = force_attention_blocks
 
 
 def plant(t: torch.Tensor, where: torch.Tensor, seed: int) -> torch.Tensor:
@@ -102,7 +95,7 @@ LOCAL_CASES = {  # n, w, causal, lb, lf, exact, masked, planted real positions, 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("case", list(LOCAL_CASES), ids=list(LOCAL_CASES))
-def test_local_bad_values_stay_out(case, backend):
+def test_local_bad_values_stay_out(case, backend, force_blocks):
     """NaN / inf in the q, k or v rows of masked positions and of real positions: queries that
     may not see them are untouched, those that may are NaN; a planted position's own query too."""
     n, w, causal, lb, lf, exact, masked, real, blocks = LOCAL_CASES[case]
@@ -160,7 +153,7 @@ HEAVY_CASES = {  # b, i, j, r, g, causal, slots, blocks
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("case", list(HEAVY_CASES), ids=list(HEAVY_CASES))
-def test_heavy_bad_values_stay_out(case, backend):
+def test_heavy_bad_values_stay_out(case, backend, force_blocks):
     """NaN / inf in k, v and kv_scale of masked keys and of real keys in the middle of the
     sequence (causal: visible to the later queries of a block, not to its earlier ones), and in q
     of a few queries: unaffected queries' outputs and every gradient unchanged."""
@@ -199,7 +192,7 @@ def test_heavy_bad_values_stay_out(case, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_bad_cotangent_of_an_unseen_output_passes_nothing_back(backend):
+def test_bad_cotangent_of_an_unseen_output_passes_nothing_back(backend, force_blocks):
     """An output that is NaN (its query saw a NaN) passes back no gradient, whatever its cotangent
     holds (NaN included): the clean keys it saw get the gradients of the other queries only."""
     force_blocks(16, 16)

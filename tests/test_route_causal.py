@@ -27,11 +27,7 @@ SCHED = dict(n_iters=5, eps=0.2, eps_init=2.0, eps_decay=0.7)
 ROUTER_SCHED = dict(n_iters=20, eps=0.03, eps_init=4.0, eps_decay=0.7)  # the routers' default
 
 
-@pytest.fixture(autouse=True)
-def _poisoned():
-    rc._POISON = True
-    yield
-    rc._POISON = False
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def _inputs(b, r, n, *, density=1.0, ties=False, empty_windows=(), empty_rows=(), W=1, dtype=torch.float32):

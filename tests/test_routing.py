@@ -72,14 +72,9 @@ def test_nan_and_masked_scores_rank_last_on_every_backend():
         assert (at_nan == 0).all() and (at_masked == 0).all() and not picks.real[picks.indices == 4].any()
 
 
-def test_poisoned_outputs_are_all_written():
-    sel = importlib.import_module("colt5.kernels.select")
-    sel._POISON = True
-    try:
-        picks = route_top_k(torch.randn(2, 3, 40), num_tokens=7, k_soft=8.0, straight_through=False,
-                            mask=torch.rand(2, 40) > 0.2, backend="triton", **SCHEDULE)
-    finally:
-        sel._POISON = False
+def test_poisoned_outputs_are_all_written(poisoned):
+    picks = route_top_k(torch.randn(2, 3, 40), num_tokens=7, k_soft=8.0, straight_through=False,
+                        mask=torch.rand(2, 40) > 0.2, backend="triton", **SCHEDULE)
     assert (picks.indices >= 0).all() and torch.isfinite(picks.weights).all()
 
 
