@@ -4,7 +4,7 @@
 from colt5.kernels import TopkReturn, coor_descent, topk
 
 # Routers and the routed encoder layers.
-from colt5.routers import CoordinateDescentRouter, Router, RouterReturn, route_together
+from colt5.routers import CoordinateDescentRouter, Router, RouterReturn, RouterStats, route_together
 from colt5.heavy_attention import RoutedAttention
 from colt5.attention import ConditionalRoutedAttention
 from colt5.feedforward import ConditionalRoutedFeedForward, FeedForward
@@ -56,6 +56,7 @@ __all__ = [
     "RoutedAttention",
     "Router",
     "RouterReturn",
+    "RouterStats",
     "TopkReturn",
     "apply_rotary",
     "coor_descent",

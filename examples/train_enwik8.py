@@ -1075,7 +1075,10 @@ def sample_text(run: Run, step: int) -> str:
     prime = valid[start : start + prime_len].long().to(device)
     gen_device = torch.Generator(device=device).manual_seed(args.seed * 7919 + step)
     with run.autocast(), run.eager(), whole_model(run):
-        out = run.model.generate(prime, length=args.generate_length, temperature=1.0, top_k=None, generator=gen_device)
+        # CUDA graphs of the decode steps (generate's default on CUDA) need parameters that stay
+        # put: FSDP's gathered ones do not.
+        out = run.model.generate(prime, length=args.generate_length, temperature=1.0, top_k=None, generator=gen_device,
+                                 cuda_graph=False if args.fsdp else None)
     decode = lambda t: bytes(t.tolist()).decode("utf-8", errors="replace")  # noqa: E731
     return f"--- sample at step {step} ---\n[prompt] {decode(prime)}\n[model] {decode(out.cpu())}\n---"
 
