@@ -923,7 +923,7 @@ def train(run: Run, guard: InterruptGuard) -> None:
     bar = tqdm(total=args.steps, initial=run.step, disable=not run.is_main or args.no_progress, dynamic_ncols=True, unit="step")
     if run.step == 0:
         run.last_val = evaluate(run)
-        emit(run, {"step": 0, "val_bpc": run.last_val})
+        emit(run, {"step": 0, "val_bpc": run.last_val, "train_s": 0.0})
         write_metrics(run)
         bar.write(f"step 0: val {run.last_val:.4f} bpc") if run.is_main else None
 
@@ -961,7 +961,7 @@ def train(run: Run, guard: InterruptGuard) -> None:
                     write_metrics(run)
                     raise diverged(run, f"validation {val} bpc at step {step}")
                 run.last_val = val
-                emit(run, {"step": step, "val_bpc": val})
+                emit(run, {"step": step, "val_bpc": val, "train_s": round(run.train_time, 3)})
                 bar.write(f"step {step}: train {losses[-1] / LOG2:.4f} bpc, val {val:.4f} bpc") if run.is_main else None
             write_metrics(run)
             if sample_due and (run.is_main or run.args.fsdp):  # FSDP: every rank's shards take part
@@ -1190,6 +1190,7 @@ def summarize(run: Run, wall_start: float) -> dict:
         "model": kind, "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "world_size": run.world, "parallel": run.parallel, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
         "precision": args.precision, "seq_len": args.seq_len, "step": run.step,
+        "tokens_per_step": run.world * args.batch_size * args.grad_accum * args.seq_len,
         "train_tokens_per_s": run.tokens_per_s(),
         "warmup_s": run.warmup[1] if run.warmup else None,  # the first --log-every steps: compiling, capturing
         "final_val_bpc": run.last_val,

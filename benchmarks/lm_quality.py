@@ -1,0 +1,119 @@
+"""Quality per hour: CoLT5 against its dense baseline for the same wall-clock budget.
+
+    python benchmarks/lm_quality.py                                   # CUDA: seq 4096 and 16384, 5 minutes each
+    python benchmarks/lm_quality.py --seqs 4096 --minutes 20 --out runs/quality
+    python benchmarks/lm_quality.py --device cpu --seqs 64 --minutes 0.2 -- --dim 32 --depth 1   # a smoke run
+
+For each sequence length, each model first trains --calibrate steps to measure its tokens/s in
+the training example's default mode for the device (on CUDA: blocks compiled, the step
+captured in one CUDA graph), then trains from scratch for as many steps as fill --minutes at
+that rate, so that its learning-rate schedule (warm-up, cosine decay) ends with the budget;
+validation every tenth of the run. Arguments after `--` go to examples/train_enwik8.py for
+every run (sizes, --lr, ...).
+
+Prints one table (steps, validation bpc at the end and at the steps both models reached,
+tokens/s) and writes OUT/quality.png: validation bpc against training time and against steps,
+one row of plots per sequence length (needs matplotlib). OUT/<seq>-<model>/ keeps each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_enwik8.py"
+MODELS = ("colt5", "dense")
+
+
+def train(out: Path, seq: int, model: str, steps: int, eval_every: int, extra: list[str], device: str | None) -> dict:
+    """One run of the training example into `out` (replaced); returns its summary."""
+    cmd = [sys.executable, str(SCRIPT), "--seq-len", str(seq), "--steps", str(steps), "--eval-every", str(eval_every),
+           "--generate-every", "0", "--no-progress", "--out", str(out), "--overwrite", *extra]
+    cmd += ["--dense"] * (model == "dense") + (["--device", device] if device else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{model} at seq {seq} failed ({' '.join(cmd)}):\n{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def validation(out: Path) -> list[tuple[int, float, float]]:
+    """(step, training seconds, val bpc) of every evaluation after step 0."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_s"], r["val_bpc"]) for r in rows if "val_bpc" in r and r["step"] > 0]
+
+
+def at_step(curve: list[tuple[int, float, float]], step: int) -> float | None:
+    """Validation bpc of the last evaluation at or before `step`."""
+    seen = [bpc for s, _, bpc in curve if s <= step]
+    return seen[-1] if seen else None
+
+
+def plot(path: Path, curves: dict, minutes: float) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    seqs = sorted({seq for seq, _ in curves})
+    fig, axes = plt.subplots(len(seqs), 2, figsize=(10, 3.6 * len(seqs)), squeeze=False)
+    for row, seq in zip(axes, seqs):
+        for model in MODELS:
+            curve = curves[(seq, model)]
+            row[0].plot([t / 60 for _, t, _ in curve], [b for *_, b in curve], marker="o", label=model)
+            row[1].plot([s for s, _, _ in curve], [b for *_, b in curve], marker="o", label=model)
+        row[0].set(title=f"seq {seq:,}: {minutes:g} minutes each", xlabel="training minutes", ylabel="validation bpc")
+        row[1].set(title=f"seq {seq:,}", xlabel="steps", ylabel="validation bpc")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--minutes", type=float, default=5.0, help="training time per model and length")
+    p.add_argument("--calibrate", type=int, default=40, help="steps of the throughput measurement (the first 10 are warm-up)")
+    p.add_argument("--device", default=None, help="passed to the training example (default: its own)")
+    p.add_argument("--out", default="runs/quality")
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if args.calibrate <= 10:
+        p.error("--calibrate must be more than 10 steps (the first 10 are warm-up)")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves, rows = {}, []
+    for seq in args.seqs:
+        runs = {}
+        for model in MODELS:
+            run_dir = out / f"{seq}-{model}"
+            probe = train(run_dir, seq, model, args.calibrate, args.calibrate, extra, args.device)
+            steps = max(10, int(args.minutes * 60 * probe["train_tokens_per_s"] / probe["tokens_per_step"]))
+            runs[model] = train(run_dir, seq, model, steps, max(1, steps // 10), extra, args.device)
+            curves[(seq, model)] = validation(run_dir)
+        common = min(runs[m]["step"] for m in MODELS)
+        for model in MODELS:
+            s = runs[model]
+            rows.append((seq, model, s["step"], s["final_val_bpc"], at_step(curves[(seq, model)], common), common,
+                         s["train_tokens_per_s"]))
+    print(f"examples/train_enwik8.py, {args.minutes:g} training minutes per model{' ' + ' '.join(extra) if extra else ''}")
+    print("| seq | model | steps | val bpc at the end | val bpc at step (both reached) | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for seq, model, steps, final, common_bpc, common, rate in rows:
+        common_text = "-" if common_bpc is None else f"{common_bpc:.4f} (step {common:,})"
+        print(f"| {seq:,} | {model} | {steps:,} | {final:.4f} | {common_text} | {rate:,.0f} |")
+    note = plot(out / "quality.png", curves, args.minutes)
+    print(note or f"plot: {out / 'quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
