@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from colt5 import validation
 from colt5.block_options import block_options, split_block_options
 from colt5.causal_routing import CausalCoordinateDescentRouter, RouterCache
-from colt5.decoding import DecodePosition, step_key
+from colt5.decoding import DecodePosition, step_key, without_grad_when_decoding
 from colt5.feedforward import FeedForward, routed_feedforward
 from colt5.heavy_attention import RoutedAttention, RoutedKVCache
 from colt5.local_attention import LocalAttentionCache, LocalMHA
@@ -244,6 +244,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.kv_router._check_decodable()
         return AttentionCache(position)
 
+    @without_grad_when_decoding
     def forward(
         self,
         x: Tensor,
@@ -347,6 +348,7 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         self.router._check_decodable()
         return FeedForwardCache(position)
 
+    @without_grad_when_decoding
     def forward(
         self, x: Tensor, *, num_heavy_tokens: int | None = None, random_route: bool = False, residual: Tensor | None = None,
         cache: FeedForwardCache | None = None,
@@ -437,6 +439,7 @@ class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):
         """An empty decode cache sharing `position` (see the sublayers' forward)."""
         return BlockCache(self.attn.new_cache(position), self.ff.new_cache(position))
 
+    @without_grad_when_decoding
     def forward(
         self,
         x: Tensor,
@@ -478,6 +481,7 @@ class ConditionalRoutedAutoregressiveTransformer(nn.Module):
         windows = tuple(w for layer in self.layers for w in (layer.attn.heavy_window_size, layer.ff.heavy_window_size))
         return StackCache(position, [layer.new_cache(position) for layer in self.layers], windows)
 
+    @without_grad_when_decoding
     def forward(self, x: Tensor, *, cache: StackCache | None = None, **block_forward_kwargs) -> Tensor:
         """cache (from `new_cache`): empty, x [b, n, d] is a prompt (the prefill: the same output
         as without a cache); after that x [b, 1, d] is the next token and the output is the

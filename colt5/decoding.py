@@ -20,12 +20,28 @@ whether the step is in the first routing window. `step_key` names that choice; o
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodePosition", "CUDAGraphStep", "reuse", "step_key"]
+__all__ = ["DecodePosition", "CUDAGraphStep", "reuse", "step_key", "without_grad_when_decoding"]
+
+
+def without_grad_when_decoding(forward: Callable) -> Callable:
+    """For a forward that takes `cache=`: with a cache it runs under torch.no_grad(). Decoding
+    writes the cache in place, so tracking gradients would chain each step's graph onto the
+    previous one's and keep them all alive."""
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, cache=None, **kwargs):
+        if cache is None:
+            return forward(self, *args, **kwargs)
+        with torch.no_grad():
+            return forward(self, *args, cache=cache, **kwargs)
+
+    return wrapped
 
 
 class DecodePosition:
@@ -55,7 +71,7 @@ class DecodePosition:
         if self.length + n > self.capacity:
             raise ValueError(
                 f"{name}: the cache holds {self.length} of at most {self.capacity} positions, "
-                f"{n} more do not fit (start a new cache, see CoLT5LanguageModel.generate)"
+                f"{n} more {'does' if n == 1 else 'do'} not fit (start a new cache, see CoLT5LanguageModel.generate)"
             )
 
     def advance(self, x: Tensor) -> None:
@@ -108,11 +124,18 @@ class CUDAGraphStep:
         self.outputs: dict = {}
 
     def __call__(self, tokens: Tensor, key) -> Tensor:
+        if tokens.shape != self.tokens.shape:
+            raise ValueError(f"tokens must be {tuple(self.tokens.shape)} like the first step's, got {tuple(tokens.shape)}")
         self.tokens.copy_(tokens)
-        if key in self.graphs:
-            self.graphs[key].replay()
-            self.position.length += 1  # the graph advanced the device position
-            return self.outputs[key]
+        # Streams, capture and replay on the model's GPU, whichever device is current.
+        with torch.cuda.device(self.tokens.device):
+            if key in self.graphs:
+                self.graphs[key].replay()
+                self.position.length += 1  # the graph advanced the device position
+                return self.outputs[key]
+            return self._run_and_capture(key)
+
+    def _run_and_capture(self, key) -> Tensor:
         length = self.position.length
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -125,7 +148,7 @@ class CUDAGraphStep:
         # has its own memory pool, so no replay can write into another graph's output.
         self.position.length = length
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
             out = self.step(self.tokens)
         self.graphs[key], self.outputs[key] = graph, out
         return logits

@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from colt5 import validation
-from colt5.decoding import DecodePosition, reuse
+from colt5.decoding import DecodePosition, reuse, without_grad_when_decoding
 
 __all__ = ["DenseAttention", "DenseFeedForward", "DenseTransformerBlock", "DenseTransformer", "DenseCache"]
 
@@ -64,6 +64,7 @@ class DenseAttention(nn.Module):
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
+    @without_grad_when_decoding
     def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: DenseAttentionCache | None = None) -> Tensor:
         """cache (causal only, no mask): at length 0 the usual forward over a prompt that also
         keeps its keys/values; after that x [b, 1, d] attends to the cached positions and itself."""
@@ -152,6 +153,7 @@ class DenseTransformer(nn.Module):
         position = DecodePosition(capacity, p.device)
         return DenseCache(position, [DenseAttentionCache(position) for _ in self.layers])
 
+    @without_grad_when_decoding
     def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: DenseCache | None = None) -> Tensor:
         """cache (from `new_cache`): empty, x is a prompt (the prefill: the usual output); after
         that x [b, 1, d] is the next token, computed from the cache. Advances it."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from colt5 import validation
-from colt5.decoding import CUDAGraphStep
+from colt5.decoding import CUDAGraphStep, without_grad_when_decoding
 from colt5.dense import DenseCache, DenseTransformer
 from colt5.precision import Linear
 
@@ -131,13 +131,14 @@ class CoLT5LanguageModel(nn.Module):
         return tokens
 
     # ---- model ------------------------------------------------------------------------------
+    @without_grad_when_decoding
     def forward(self, tokens: Tensor, *, cache: DecodeCache | None = None) -> Tensor:
         """tokens [b, n] long, n <= max_seq_len -> logits [b, n, num_tokens].
 
         cache (from `new_cache`): empty, tokens is a prompt (the prefill: the same logits as
         without a cache); after that tokens [b, 1] is the next token, at position cache.length,
         and its logits [b, 1, num_tokens] are the full forward's on the whole context, computed
-        from the cache in O(cache). Advances the cache.
+        from the cache in O(cache). Advances the cache. With a cache no gradients are tracked.
         """
         if cache is None:
             self._check_tokens(tokens, "tokens", self.max_seq_len)
@@ -272,7 +273,7 @@ class CoLT5LanguageModel(nn.Module):
         out = prompt.new_empty(prompt.shape[0], length)
         if length == 0:
             return out
-        cache = self.new_cache()
+        cache = self.new_cache(min(L, min(prompt.shape[1], L) + length - 1))  # the room this call can use
         logits = self._logits(prompt[:, -L:], cache)[:, -1]
         step = None
         if cuda_graph:
@@ -282,7 +283,7 @@ class CoLT5LanguageModel(nn.Module):
             out[:, i : i + 1] = nxt
             if i + 1 == length:
                 break
-            if cache.length < L:
+            if cache.length < cache.position.capacity:
                 logits = self._logits(nxt, cache)[:, -1] if step is None else step(nxt, cache.step_key())
                 continue
             # The context is full (max_seq_len positions).

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from colt5.decoding import DecodePosition, reuse
+from colt5.decoding import DecodePosition, reuse, without_grad_when_decoding
 from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
 from colt5.kernels.flash_attention_reference import local_attention_reference
 from colt5.precision import Linear
@@ -387,6 +387,7 @@ class LocalMHA(nn.Module):
             raise ValueError("only a causal LocalMHA decodes incrementally (a later token would change earlier outputs)")
         return LocalAttentionCache(position)
 
+    @without_grad_when_decoding
     def forward(self, x: Tensor, mask: Tensor | None = None, *, cache: LocalAttentionCache | None = None) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor, got {type(x).__name__}")

@@ -22,11 +22,12 @@ A run is never lost or overwritten by accident. A DIR holding another run is ref
 at every evaluation, and on Ctrl-C (exit code 130) at the last finished step (under DDP at the
 next metrics flush, every --log-every steps, so that all ranks stop at the same step). --resume
 restores the run exactly, keeps its model, data and schedule flags (--steps too: the learning
-rate decays over exactly --steps, so to train longer start a new run with a larger --steps), and
-drops the metrics logged after the checkpoint, a line torn by a crash included. Resuming a
-finished run reports it and changes nothing. A non-finite loss stops the run (exit code 1)
-before it can replace the last good checkpoint. Any other mistake is one line on stderr naming
-the problem and the fix, exit code 2, with nothing written.
+rate decays over exactly --steps, so to train longer start a new run with a larger --steps; the
+step's mode, --eager, --compile or --cuda-graphs, is chosen afresh and moves losses by float
+rounding only), and drops the metrics logged after the checkpoint, a line torn by a crash
+included. Resuming a finished run reports it and changes nothing. A non-finite loss stops the
+run (exit code 1) before it can replace the last good checkpoint. Any other mistake is one line
+on stderr naming the problem and the fix, exit code 2, with nothing written.
 
 Only rank 0 prints and writes. The sampler draws the global batch per step from (seed, step) and
 each rank keeps its slice, so resuming restores the data position exactly.
@@ -168,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile each block on its own (torch.compile backend, default inductor; aot_eager to rule inductor "
                         "out); the default on one CUDA device")
     p.add_argument("--no-compile", action="store_true", help="leave the blocks uncompiled (the step is still captured on CUDA)")
-    p.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="capture the training step in one CUDA graph and replay it (the default on one CUDA device)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the training step in one CUDA graph and replay it (the default on one CUDA device; "
+                        "--no-cuda-graphs: compiled blocks, eager steps)")
     p.add_argument("--eager", action="store_true", help="plain eager steps: no captured step, no compilation")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP; needs torchrun")
@@ -488,8 +490,8 @@ class Run:
             print(*a, **k)
 
     def tokens_per_s(self) -> float | None:
-        """Training tokens/s after the first --log-every steps (compilation, CUDA-graph capture,
-        allocator warm-up), or over all steps when no later ones were timed."""
+        """Training tokens/s after the first metrics flush that follows the warm-up (compilation,
+        CUDA-graph capture, allocator warm-up), or over all steps when no later ones were timed."""
         steps, seconds = self.train_steps, self.train_time
         if self.warmup is not None and steps > self.warmup[0]:
             steps, seconds = steps - self.warmup[0], seconds - self.warmup[1]
@@ -608,6 +610,14 @@ def named_optimizer_state(state: dict, model: nn.Module) -> dict:
             "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in groups]}
 
 
+def this_runs_kernels(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state whose groups take this run's implementation flags (fused,
+    capturable, foreach: they follow the device and the mode, not the run that saved it; loading
+    also places the step counters by them)."""
+    flags = {k: optimizer.param_groups[0][k] for k in ("fused", "capturable", "foreach") if k in optimizer.param_groups[0]}
+    return {**state, "param_groups": [{**group, **flags} for group in state["param_groups"]]}
+
+
 def restore(run: Run, checkpoint: dict, path: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict  # see full_state
 
@@ -615,10 +625,8 @@ def restore(run: Run, checkpoint: dict, path: Path) -> None:
         # The full state of one file into whatever the model is now: one process, DDP's replica
         # or FSDP2's shards (each rank keeps its part).
         set_state_dict(run.model, run.optimizer, model_state_dict=checkpoint["model"],
-                       optim_state_dict=named_optimizer_state(checkpoint["optimizer"], run.model),
+                       optim_state_dict=this_runs_kernels(named_optimizer_state(checkpoint["optimizer"], run.model), run.optimizer),
                        options=StateDictOptions(full_state_dict=True))
-        for group in run.optimizer.param_groups:  # this run's mode, not the saved run's
-            group["capturable"] = bool(run.args.cuda_graphs)
         run.scheduler.load_state_dict(checkpoint["scheduler"])
         run.sampler.load_state_dict(checkpoint["sampler"])
         set_rng_state(checkpoint["rng"], run.device)
@@ -795,19 +803,28 @@ def optimizer_step(run: Run) -> torch.Tensor:
     return (~torch.isfinite(grad_norm)).float()
 
 
-def training_step(run: Run) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step, eager or captured: (its mean loss, 1.0 if its gradient norm was not
-    finite), no sync. Then the schedule's step on the host."""
+def training_step(run: Run, guard: InterruptGuard) -> None:
+    """One optimizer step, eager or captured, then the schedule's step on the host; its loss and
+    non-finite flag join the pending ones (no sync). Ctrl-C waits for the parameters' update (an
+    eager forward and backward may still be interrupted; a replay is the update)."""
     if run.captured is not None:
-        loss, bad = run.captured(run)
-    else:
-        loss = forward_backward(run, load_batches(run))
+        with guard.update():
+            loss, bad = run.captured(run)
+            _commit_step(run, loss, bad)
+        return
+    loss = forward_backward(run, load_batches(run))
+    with guard.update():
         bad = optimizer_step(run)
         run.optimizer.zero_grad(set_to_none=True)
+        _commit_step(run, loss, bad)
+
+
+def _commit_step(run: Run, loss: torch.Tensor, bad: torch.Tensor) -> None:
     run.scheduler.step()
     run.step += 1
     run.committed = {"sampler": run.sampler.state_dict(), "rng": rng_state(run.device)}
-    return loss, bad
+    run.bad_grads += bad
+    run.pending.append(loss)
 
 
 class CapturedStep:
@@ -851,7 +868,7 @@ class CapturedStep:
         if self.graph is None:
             self._capture(run)
         for group, lr in zip(run.optimizer.param_groups, self.lrs):
-            if group["lr"] is not lr:  # the scheduler set a number (torch < 2.7 replaces the tensor)
+            if group["lr"] is not lr:  # a scheduler that assigns a number rather than filling the tensor
                 lr.fill_(group["lr"])
                 group["lr"] = lr
         self.graph.replay()
@@ -938,10 +955,7 @@ def train(run: Run, guard: InterruptGuard) -> None:
         if warming:  # the first steps take seconds: say why
             doing = ["compiling"] * bool(args.compile) + ["capturing the step"] * (run.captured is not None)
             bar.set_description(f"warm-up ({', '.join(doing)})")
-        with guard.update():  # the step is whole or not taken when Ctrl-C comes
-            loss, bad = training_step(run)
-            run.bad_grads += bad
-            run.pending.append(loss)
+        training_step(run, guard)
         if warming and not (run.captured is not None and run.captured.warming_up):
             bar.set_description(None)
         run.train_steps += 1
@@ -953,7 +967,8 @@ def train(run: Run, guard: InterruptGuard) -> None:
         if step % args.log_every == 0 or boundary or sample_due:
             losses = flush_losses(run, guard)
             run.train_time += time.perf_counter() - t0
-            run.warmup = run.warmup or (run.train_steps, run.train_time)
+            if run.captured is None or not run.captured.warming_up:  # time the steps after the warm-up
+                run.warmup = run.warmup or (run.train_steps, run.train_time)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{run.tokens_per_s():,.0f}")
             if boundary:
                 val = evaluate(run)
@@ -1131,10 +1146,12 @@ def checkpoint(run: Run) -> None:
         run.saved_step = run.step
         return
     path = run.out / CHECKPOINT
-    # The captured step's learning rates are device tensors: stored as numbers, as in every mode.
-    optimizer_state["param_groups"] = [{**g, "lr": float(g["lr"])} for g in optimizer_state["param_groups"]]
-    scheduler_state = run.scheduler.state_dict()
-    scheduler_state["_last_lr"] = [float(lr) for lr in scheduler_state.get("_last_lr", [])]
+    # The captured step's learning rates are float32 device tensors: stored as the schedule's
+    # numbers, as in every mode.
+    sched = run.scheduler
+    lrs = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+    optimizer_state["param_groups"] = [{**g, "lr": lr} for g, lr in zip(optimizer_state["param_groups"], lrs)]
+    scheduler_state = {**sched.state_dict(), "_last_lr": lrs}
     try:
         save_checkpoint(path, dict(
             model=model_state, optimizer=optimizer_state, scheduler=scheduler_state,

@@ -322,3 +322,16 @@ def test_cuda_graph_steps_equal_eager_steps(backbone):
         graphed = model.generate(prompt, length=90, overflow="restart", cuda_graph=True,
                                  generator=torch.Generator("cuda").manual_seed(0), **kw)
         assert torch.equal(eager, graphed), kw
+
+
+def test_decoding_tracks_no_gradients():
+    """With gradients enabled a cached forward still keeps no autograd history: each step writes
+    the cache in place, and a history would chain every step onto the last."""
+    model = routed_model()
+    tokens = torch.randint(0, 256, (2, 30))
+    cache = model.new_cache()
+    logits = model(tokens[:, :20], cache=cache)
+    for i in range(20, 30):
+        logits = model(tokens[:, i : i + 1], cache=cache)
+    assert not logits.requires_grad and logits.grad_fn is None
+    assert model(tokens).requires_grad  # without a cache, as always

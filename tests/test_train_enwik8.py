@@ -541,3 +541,32 @@ def test_gpu_captured_step_follows_the_schedule(tmp_path, text_file):
     script.main([*d, "--eager", "--out", str(tmp_path / "eager")])
     script.main([*d, "--no-compile", "--out", str(tmp_path / "graphs")])
     assert_losses_match(tmp_path / "graphs", tmp_path / "eager", GRAPH_TOL)
+
+
+def test_resume_takes_this_runs_optimizer_kernels(tmp_path, text_file):
+    """A checkpoint saved by a captured CUDA run (capturable, fused) resumes here with this run's
+    implementation flags, and gives the uninterrupted run's losses."""
+    script = load_script()
+    common = ["--data", str(text_file), "--steps", "8", "--eval-every", "4", *MINI]
+    script.main([*common, "--out", str(tmp_path / "straight")])
+    script.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", "4"])
+    path = tmp_path / "stopped" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(capturable=True, fused=True, foreach=False)
+    torch.save(state, path)
+    seen = {}
+    real = script.restore
+
+    def restore(run, checkpoint, where):
+        real(run, checkpoint, where)
+        seen.update({k: run.optimizer.param_groups[0][k] for k in ("capturable", "fused", "foreach")})
+
+    script.restore = restore
+    script.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress", "--log-every", "1"])
+    assert seen == {"capturable": False, "fused": None, "foreach": None}, seen
+    train_a, _ = read_metrics(tmp_path / "straight")
+    train_b, _ = read_metrics(tmp_path / "stopped")
+    assert all(abs(train_a[s] - train_b[s]) <= 1e-6 for s in train_a)
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert all(type(g["lr"]) is float for g in saved["optimizer"]["param_groups"])
