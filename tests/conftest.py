@@ -53,6 +53,30 @@ def seeded(request):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy machine's OpenMP stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def local_allowed(n: int, w: int, lb: int, lf: int, causal: bool, exact: bool) -> torch.Tensor:
+    """Local attention's rule straight from its definition, bool [n (queries), n (keys)]: the key's
+    window within [-lb, lf] of the query's, causal and exact-window limits on top."""
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    diff = j // w - i // w
+    ok = (diff >= -lb) & (diff <= lf)
+    if causal:
+        ok &= j <= i
+    if exact:
+        ok &= i - j <= w * lb
+        if not causal:
+            ok &= j - i <= w * lf
+    return ok
+
+
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and COLT5_GPU_TESTS=1")
 
 

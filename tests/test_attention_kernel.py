@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close, requires_cuda
+from conftest import TOLERANCES, assert_close, local_allowed, requires_cuda
 
 import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, block_ranges, local_attention_packed
@@ -445,20 +445,6 @@ def test_launch_counts_and_packed_gradients(monkeypatch):
     assert qkv.grad.shape == qkv.shape and torch.isfinite(qkv.grad).all()
 
 
-def dense_local_allowed(n, w, lb, lf, causal, exact):
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    diff = j // w - i // w
-    ok = (diff >= -lb) & (diff <= lf)
-    if causal:
-        ok &= j <= i
-    if exact:
-        ok &= i - j <= w * lb
-        if not causal:
-            ok &= j - i <= w * lf
-    return ok
-
-
 def _covered(ranges, allowed, block, for_keys):
     """Every allowed pair lies inside its block's range; returns the range widths."""
     for blk, (lo, hi) in enumerate(ranges.tolist()):
@@ -476,7 +462,7 @@ def _covered(ranges, allowed, block, for_keys):
      (300, 16, 1, 0, True, True), (129, 1, 3, 1, False, False), (77, 200, 1, 1, False, False)],
 )
 def test_local_block_ranges_cover_and_stay_local(n, w, lb, lf, causal, exact):
-    allowed = dense_local_allowed(n, w, lb, lf, causal, exact)
+    allowed = local_allowed(n, w, lb, lf, causal, exact)
     bm, bn = 128, 64
     qr = block_ranges(n, n, block_m=bm, block_n=bn, window=(w, lb, lf, causal, exact))
     kr = block_ranges(n, n, block_m=bm, block_n=bn, window=(w, lb, lf, causal, exact), for_keys=True)

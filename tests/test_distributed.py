@@ -145,6 +145,18 @@ def driver(plan_path: str) -> None:
     dist.destroy_process_group()
 
 
+def two_ranks(cmd: list[str], env: dict, *, timeout: float):
+    """Run cmd as ranks 0 and 1 without torchrun: (the processes, their (stdout, stderr)); both
+    are killed if either outlives `timeout`."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    try:
+        return procs, [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -303,13 +315,7 @@ def test_rank_0_failing_without_torchrun_does_not_hang(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2"}
     t0 = time.monotonic()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    try:
-        results = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs, results = two_ranks(cmd, env, timeout=120)
     assert time.monotonic() - t0 < 100  # far below --dist-timeout 200
     (_, err0), (_, err1) = results
     assert procs[0].returncode == 1 and procs[1].returncode == 1, (err0[-2000:], err1[-2000:])
@@ -369,13 +375,7 @@ def test_gpu_failing_rank_without_torchrun_stops_at_the_timeout(tmp_path):
            "--out", str(out)]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
     t0 = time.monotonic()
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    try:
-        results = [p.communicate(timeout=240) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs, results = two_ranks(cmd, env, timeout=240)
     (_, err0), (_, err1) = results
     assert procs[0].returncode == 1 and "[rank 0] error: cannot write " in err0, err0[-3000:]
     assert procs[1].returncode != 0, err1[-3000:]  # the watchdog's abort, or our line after a NCCL error

@@ -18,13 +18,7 @@ from colt5.local_attention import LocalMHA
 from conftest import requires_cuda
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 # Routing windows of W = 8 with capacities 3 (queries, ff) and 4 (key-values): sequences of a few

@@ -12,13 +12,7 @@ from colt5.lm import CoLT5LanguageModel
 HAS_ROUTED = importlib.util.find_spec("colt5.autoregressive") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 # Small routed configuration for tests; every size is far below the sequence lengths used.
 ROUTED_TEST_KWARGS = dict(

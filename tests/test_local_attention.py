@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, TOLERANCES, assert_close, requires_cuda
+from conftest import HAS_CUDA, TOLERANCES, assert_close, local_allowed, requires_cuda
 
 import colt5.kernels.flash_attention as attention_kernels
 from colt5.local_attention import LocalMHA, _default_backend, _window_kv_blocks, _window_mask_mod, local_attention
@@ -20,25 +20,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 # independent definitions
 
 
-def dense_allowed(n: int, w: int, lb: int, lf: int, causal: bool, exact: bool) -> torch.Tensor:
-    """bool [n, n] straight from the definition: key window within [-lb, lf] of the query's."""
-    i = torch.arange(n)[:, None]
-    j = torch.arange(n)[None, :]
-    diff = j // w - i // w
-    ok = (diff >= -lb) & (diff <= lf)
-    if causal:
-        ok &= j <= i
-    if exact:
-        ok &= i - j <= w * lb
-        if not causal:
-            ok &= j - i <= w * lf
-    return ok
-
-
 def dense_local_attention(q, k, v, *, w, lb, lf, causal, exact, mask, scale=None):
     """float64 n x n attention; rows with no allowed key are zero. Also returns that row mask."""
     b, h, n, d = q.shape
-    allowed = dense_allowed(n, w, lb, lf, causal, exact).expand(b, 1, n, n)
+    allowed = local_allowed(n, w, lb, lf, causal, exact).expand(b, 1, n, n)
     if mask is not None:
         allowed = allowed & mask[:, None, None, :]
     scale = d**-0.5 if scale is None else scale
@@ -188,7 +173,7 @@ def test_kv_blocks_cover_the_mask(n, w, look, exact):
     j = torch.arange(nb * B)[None, :]
     elem = _window_mask_mod(n, w, lb, lf, causal, exact)(0, 0, i, j) & (i < n)
     tiles = elem.view(nb, B, nb, B).permute(0, 2, 1, 3).flatten(2)
-    assert torch.equal(dense_allowed(n, w, lb, lf, causal, exact), elem[:n, :n])
+    assert torch.equal(local_allowed(n, w, lb, lf, causal, exact), elem[:n, :n])
     assert not (tiles.any(-1) & ~(listed_p | listed_f)).any(), "an allowed tile is missing"
     # Rows past n are padding (sliced off), so a full tile only needs its real rows allowed.
     tiles_real = (elem | (i >= n)).view(nb, B, nb, B).permute(0, 2, 1, 3).flatten(2)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import local_allowed, requires_cuda
 
 import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, local_attention_packed
@@ -70,19 +70,6 @@ def check_exact(fn, clean: list, poisoned: list, affected: torch.Tensor, out_sha
 
 # ---------------------------------------------------------------------------------------------
 # the local (windowed) attention
-
-
-def local_allowed(n, w, lb, lf, causal, exact) -> torch.Tensor:
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    diff = j // w - i // w
-    ok = (diff >= -lb) & (diff <= lf)
-    if causal:
-        ok &= j <= i
-    if exact:
-        ok &= i - j <= w * lb
-        if not causal:
-            ok &= j - i <= w * lf
-    return ok
 
 
 LOCAL_CASES = {  # n, w, causal, lb, lf, exact, masked, planted real positions, blocks

@@ -25,13 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_enwik8.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy machine's OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 def load_script():
@@ -159,28 +153,39 @@ def test_resume_gives_the_same_losses(tmp_path, text_file, backbone):
     assert info.value.code == 2
 
 
+def resume_edited_checkpoint(script, tmp_path: Path, common: list[str], stop: int, edit) -> tuple[dict, dict]:
+    """Train `common` straight and stopped at `stop`, rewrite the stopped run's checkpoint with
+    edit(state) and resume it: every train loss must be the straight run's. Returns both runs'
+    validation {step: bpc}."""
+    script.main([*common, "--out", str(tmp_path / "straight")])
+    script.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", str(stop)])
+    path = tmp_path / "stopped" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    script.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress", "--log-every", "1"])
+    (train_a, val_a), (train_b, val_b) = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
+    assert sorted(train_b) == sorted(train_a)
+    for step in train_a:
+        assert abs(train_a[step] - train_b[step]) <= 1e-6, (step, train_a[step], train_b[step])
+    return val_a, val_b
+
+
 def test_checkpoint_of_the_earlier_format_resumes_exactly(tmp_path, text_file):
     """Checkpoints written before this script saved get_state_dict's output: an optimizer state
     keyed by parameter index (Optimizer.state_dict) and no world_size."""
-    script = load_script()
+
+    def earlier_format(state):
+        named = state["optimizer"]
+        assert all(isinstance(name, str) for group in named["param_groups"] for name in group["params"])
+        index = {name: i for i, name in enumerate(name for group in named["param_groups"] for name in group["params"])}
+        state["optimizer"] = {"state": {index[name]: value for name, value in named["state"].items()},
+                              "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+        del state["world_size"]
+
     common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", *MINI]
-    script.main([*common, "--out", str(tmp_path / "straight")])
-    script.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", "3"])
-    path = tmp_path / "stopped" / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
-    named = state["optimizer"]
-    assert all(isinstance(name, str) for group in named["param_groups"] for name in group["params"])
-    index = {name: i for i, name in enumerate(name for group in named["param_groups"] for name in group["params"])}
-    state["optimizer"] = {"state": {index[name]: value for name, value in named["state"].items()},
-                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
-    del state["world_size"]
-    torch.save(state, path)
-    script.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress"])
-    train_a, val_a = read_metrics(tmp_path / "straight")
-    train_b, val_b = read_metrics(tmp_path / "stopped")
-    assert sorted(train_b) == list(range(1, 7)) and sorted(val_b) == [0, 3, 6]
-    for step in train_a:
-        assert abs(train_a[step] - train_b[step]) <= 1e-6, (step, train_a[step], train_b[step])
+    val_a, val_b = resume_edited_checkpoint(load_script(), tmp_path, common, 3, earlier_format)
+    assert sorted(read_metrics(tmp_path / "stopped")[0]) == list(range(1, 7)) and sorted(val_b) == [0, 3, 6]
     assert abs(val_a[6] - val_b[6]) <= 1e-6
 
 
@@ -547,14 +552,6 @@ def test_resume_takes_this_runs_optimizer_kernels(tmp_path, text_file):
     """A checkpoint saved by a captured CUDA run (capturable, fused) resumes here with this run's
     implementation flags, and gives the uninterrupted run's losses."""
     script = load_script()
-    common = ["--data", str(text_file), "--steps", "8", "--eval-every", "4", *MINI]
-    script.main([*common, "--out", str(tmp_path / "straight")])
-    script.main([*common, "--out", str(tmp_path / "stopped"), "--stop-at", "4"])
-    path = tmp_path / "stopped" / "checkpoint.pt"
-    state = torch.load(path, weights_only=True)
-    for group in state["optimizer"]["param_groups"]:
-        group.update(capturable=True, fused=True, foreach=False)
-    torch.save(state, path)
     seen = {}
     real = script.restore
 
@@ -562,11 +559,13 @@ def test_resume_takes_this_runs_optimizer_kernels(tmp_path, text_file):
         real(run, checkpoint, where)
         seen.update({k: run.optimizer.param_groups[0][k] for k in ("capturable", "fused", "foreach")})
 
+    def as_captured(state):
+        for group in state["optimizer"]["param_groups"]:
+            group.update(capturable=True, fused=True, foreach=False)
+
     script.restore = restore
-    script.main(["--out", str(tmp_path / "stopped"), "--resume", "--no-progress", "--log-every", "1"])
+    common = ["--data", str(text_file), "--steps", "8", "--eval-every", "4", *MINI]
+    resume_edited_checkpoint(script, tmp_path, common, 4, as_captured)
     assert seen == {"capturable": False, "fused": None, "foreach": None}, seen
-    train_a, _ = read_metrics(tmp_path / "straight")
-    train_b, _ = read_metrics(tmp_path / "stopped")
-    assert all(abs(train_a[s] - train_b[s]) <= 1e-6 for s in train_a)
     saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
     assert all(type(g["lr"]) is float for g in saved["optimizer"]["param_groups"])
