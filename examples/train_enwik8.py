@@ -879,7 +879,6 @@ class CapturedStep:
         for group in run.optimizer.param_groups:
             self.lrs.append(torch.tensor(float(group["lr"]), device=run.device))
             group["lr"] = self.lrs[-1]
-        torch.cuda.synchronize(run.device)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records the kernels without running them
             self.outputs = (forward_backward(run, self.batches), optimizer_step(run))
