@@ -51,6 +51,7 @@ collective fails, when torchrun stops them, or after --dist-timeout seconds.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -90,7 +91,8 @@ DEFAULTS = {
     ),
 }
 # Flags that define the model, data or the optimisation trajectory: a resumed run must not change them.
-FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "depth", "dense", "seed", "warmup", "steps")
+FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "depth", "dense", "seed", "warmup", "steps",
+                   "model_args")
 EVAL_SEED = 12345  # the same validation windows at every evaluation, on every run
 LOG2 = math.log(2.0)
 CHECKPOINT, METRICS, SUMMARY, PLOT = "checkpoint.pt", "metrics.jsonl", "summary.json", "loss_curve.png"
@@ -142,6 +144,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _model_arg(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a constructor keyword and a Python literal), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{key}: {value!r} is not a Python literal (a number, True/False, None, ...)") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise RunError(f"{message} (see --help)")
@@ -157,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (cpu 2e-3, cuda 6e-4)")
     p.add_argument("--warmup", type=_non_negative_int, help="linear warmup steps (default: min(200, steps // 20))")
     p.add_argument("--dim", type=_positive_int, help="model width (cpu 128, cuda 512)")
+    p.add_argument("--model-arg", type=_model_arg, action="append", dest="model_args", metavar="KEY=VALUE",
+                   help="override one constructor keyword of the model (colt5.lm.CoLT5LanguageModel and its backbone), "
+                        "e.g. num_heavy_ff_tokens=16; repeatable; fixed on resume")
     p.add_argument("--depth", type=_positive_int, help="number of blocks (cpu 2, cuda 6)")
     p.add_argument("--eval-every", type=_positive_int, help="evaluate (and checkpoint) every N steps (cpu 100, cuda 500)")
     p.add_argument("--eval-batches", type=_positive_int, help="validation batches per evaluation (cpu 8, cuda 16)")
@@ -204,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise RunError("--eager runs plain eager steps; leave out --compile and --cuda-graphs")
     if args.no_compile and args.compile is not None:
         raise RunError(f"--no-compile and --compile {args.compile} contradict each other: pass one of them")
+    if args.model_args is not None:
+        args.model_args = dict(args.model_args)
     if args.data is not None:
         args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
     return args
@@ -217,7 +234,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
     so on `world` processes its --batch-size is global / world: the same windows every step.
     """
     if saved is not None:
-        saved = {**saved, "batch_size": resumed_batch_size(args.batch_size, saved["batch_size"], saved_world, world)}
+        # model_args joined the checkpoint's args later: older runs had none.
+        saved = {"model_args": {}, **saved, "batch_size": resumed_batch_size(args.batch_size, saved["batch_size"], saved_world, world)}
         for key in FIXED_ON_RESUME:
             given = getattr(args, key)
             if given is None or given == saved[key]:
@@ -227,7 +245,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
                     f"--steps {given} differs from the checkpoint's {saved[key]}: --steps is fixed on resume (the learning "
                     f"rate decays over exactly --steps); to train longer start a new run with --steps {given} in another --out"
                 )
-            raise RunError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's {saved[key]}; "
+            flag = "--model-arg" if key == "model_args" else f"--{key.replace('_', '-')}"
+            raise RunError(f"{flag} {given} differs from the checkpoint's {saved[key]}; "
                            "a resumed run keeps the model, data and schedule (leave the flag out)")
         for key in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]):
             if getattr(args, key) is None:
@@ -239,6 +258,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
         args.seed = 0
     if args.dense is None:
         args.dense = False
+    if args.model_args is None:
+        args.model_args = {}
     if args.warmup is None:
         args.warmup = min(200, args.steps // 20)
     return args
@@ -274,7 +295,7 @@ def model_config(args: argparse.Namespace) -> dict:
             light_heads=light_heads, light_dim_head=64, heavy_heads=heads - light_heads, heavy_dim_head=64,
             light_window_size=window, heavy_window_size=window, light_ff_mult=0.5, heavy_ff_mult=4,
         )
-    return config
+    return {**config, **args.model_args}
 
 
 # ---- devices and distributed -------------------------------------------------------------------
@@ -383,7 +404,7 @@ def load_checkpoint(path: Path) -> dict:
     args = state.get("args") if isinstance(state, dict) else None
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if isinstance(args, dict):
-        missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
+        missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args and k != "model_args"]
     if isinstance(state, dict) and not isinstance(state.get("world_size", 1), int):
         missing.append("a valid world_size")
     if missing or not isinstance(args, dict) or not isinstance(state["step"], int):
@@ -523,7 +544,12 @@ def build_model(args: argparse.Namespace) -> CoLT5LanguageModel:
     """The seeded model, on the CPU: every rank builds the same one (FSDP2 moves each block's shard)."""
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    return CoLT5LanguageModel(**model_config(args))
+    try:
+        return CoLT5LanguageModel(**model_config(args))
+    except (TypeError, ValueError) as e:
+        if not args.model_args:
+            raise
+        raise RunError(f"--model-arg {args.model_args}: the model refuses it ({_first_line(e)})") from None
 
 
 def model_units(model: CoLT5LanguageModel) -> list[nn.Module]:

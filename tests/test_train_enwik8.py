@@ -182,6 +182,7 @@ def test_checkpoint_of_the_earlier_format_resumes_exactly(tmp_path, text_file):
         state["optimizer"] = {"state": {index[name]: value for name, value in named["state"].items()},
                               "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
         del state["world_size"]
+        del state["args"]["model_args"]  # and no --model-arg
 
     common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", *MINI]
     val_a, val_b = resume_edited_checkpoint(load_script(), tmp_path, common, 3, earlier_format)
@@ -218,6 +219,28 @@ def test_script_routed_default_model(tmp_path, text_file, capsys):
     printed = capsys.readouterr().out
     assert "model: colt5" in printed and "--- sample at step 4 ---" in printed
     assert summary["model"] == "colt5" and math.isfinite(summary["final_val_bpc"])
+
+
+def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file, capsys):
+    script = load_script()
+    out = tmp_path / "run"
+    common = ["--data", str(text_file), "--steps", "4", "--eval-every", "2", *MINI[1:]]
+    script.main([*common, "--model-arg", "num_heavy_ff_tokens=3", "--model-arg", "light_ff_mult=1.0", "--out", str(out),
+                 "--stop-at", "2"])
+    args = script.parse_args([*common, "--model-arg", "num_heavy_ff_tokens=3", "--model-arg", "light_ff_mult=1.0"])
+    model = script.build_model(script.fill_defaults(args, torch.device("cpu"), None))
+    assert args.model_args == {"num_heavy_ff_tokens": 3, "light_ff_mult": 1.0}
+    assert model.backbone.layers[0].ff.num_heavy_tokens == 3, "the override did not reach the layer"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["args"]["model_args"] == args.model_args
+    refused(script, ["--out", str(out), "--resume", "--model-arg", "num_heavy_ff_tokens=4"], capsys, match="--model-arg")
+    script.main(["--out", str(out), "--resume", "--no-progress"])  # the saved overrides come back
+    assert json.loads((out / "summary.json").read_text())["step"] == 4
+    refused(script, [*common, "--model-arg", "heads"], capsys, match="KEY=VALUE")
+    refused(script, [*common, "--model-arg", "light_ff_mult=half"], capsys, match="not a Python literal")
+    refused(script, [*common, "--model-arg", "no_such_option=1", "--out", str(tmp_path / "bad")], capsys,
+            match="refuses it")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
 
 def test_script_default_corpus_log_line(capsys):
