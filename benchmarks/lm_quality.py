@@ -3,6 +3,8 @@
     python benchmarks/lm_quality.py                                   # CUDA: seq 4096 and 16384, 5 minutes each
     python benchmarks/lm_quality.py --seqs 4096 --minutes 20 --out runs/quality
     python benchmarks/lm_quality.py --device cpu --seqs 64 --minutes 0.2 -- --dim 32 --depth 1   # a smoke run
+    python benchmarks/lm_quality.py --seqs 16384 --models dense      # one run (a device call's worth) ...
+    python benchmarks/lm_quality.py --seqs 4096 16384 --report       # ... and the table and plot of the runs in OUT
 
 For each sequence length, each model first trains --calibrate steps to measure its tokens/s in
 the training example's default mode for the device (on CUDA: blocks compiled, the step
@@ -51,7 +53,7 @@ def at_step(curve: list[tuple[int, float, float]], step: int) -> float | None:
     return seen[-1] if seen else None
 
 
-def plot(path: Path, curves: dict, minutes: float) -> str | None:
+def plot(path: Path, curves: dict) -> str | None:
     try:
         import matplotlib
 
@@ -66,7 +68,8 @@ def plot(path: Path, curves: dict, minutes: float) -> str | None:
             curve = curves[(seq, model)]
             row[0].plot([t / 60 for _, t, _ in curve], [b for *_, b in curve], marker="o", label=model)
             row[1].plot([s for s, _, _ in curve], [b for *_, b in curve], marker="o", label=model)
-        row[0].set(title=f"seq {seq:,}: {minutes:g} minutes each", xlabel="training minutes", ylabel="validation bpc")
+        minutes = max(curves[(seq, model)][-1][1] for model in MODELS) / 60
+        row[0].set(title=f"seq {seq:,}: {minutes:.1f} minutes each", xlabel="training minutes", ylabel="validation bpc")
         row[1].set(title=f"seq {seq:,}", xlabel="steps", ylabel="validation bpc")
         for ax in row:
             ax.grid(alpha=0.3)
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="training time per model and length")
     p.add_argument("--calibrate", type=int, default=40, help="steps of the throughput measurement (the first 10 are warm-up)")
     p.add_argument("--device", default=None, help="passed to the training example (default: its own)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="train only these")
+    p.add_argument("--report", action="store_true", help="train nothing: the table and plot of the runs already in OUT")
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.calibrate <= 10:
@@ -91,27 +96,37 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for seq in args.seqs if not args.report else []:
+        for model in args.models:
+            run_dir = out / f"{seq}-{model}"
+            probe = train(run_dir, seq, model, args.calibrate, args.calibrate, extra, args.device)
+            steps = max(10, int(args.minutes * 60 * probe["train_tokens_per_s"] / probe["tokens_per_step"]))
+            train(run_dir, seq, model, steps, max(1, steps // 10), extra, args.device)
     curves, rows = {}, []
     for seq in args.seqs:
         runs = {}
         for model in MODELS:
             run_dir = out / f"{seq}-{model}"
-            probe = train(run_dir, seq, model, args.calibrate, args.calibrate, extra, args.device)
-            steps = max(10, int(args.minutes * 60 * probe["train_tokens_per_s"] / probe["tokens_per_step"]))
-            runs[model] = train(run_dir, seq, model, steps, max(1, steps // 10), extra, args.device)
+            if not (run_dir / "summary.json").exists():
+                if not args.report:  # the other model trains in another call
+                    print(f"trained {', '.join(args.models)} at seq {', '.join(map(str, args.seqs))}; the table: --report")
+                    return
+                raise SystemExit(f"{run_dir} holds no finished run: train it first (--seqs {seq} --models {model})")
+            runs[model] = json.loads((run_dir / "summary.json").read_text())
             curves[(seq, model)] = validation(run_dir)
         common = min(runs[m]["step"] for m in MODELS)
         for model in MODELS:
             s = runs[model]
-            rows.append((seq, model, s["step"], s["final_val_bpc"], at_step(curves[(seq, model)], common), common,
+            curve = curves[(seq, model)]
+            rows.append((seq, model, curve[-1][1] / 60, s["step"], s["final_val_bpc"], at_step(curve, common), common,
                          s["train_tokens_per_s"]))
-    print(f"examples/train_enwik8.py, {args.minutes:g} training minutes per model{' ' + ' '.join(extra) if extra else ''}")
-    print("| seq | model | steps | val bpc at the end | val bpc at step (both reached) | tokens/s |")
-    print("|---|---|---|---|---|---|")
-    for seq, model, steps, final, common_bpc, common, rate in rows:
+    print(f"examples/train_enwik8.py{' ' + ' '.join(extra) if extra else ''}: the same training time per model")
+    print("| seq | model | training minutes | steps | val bpc at the end | val bpc at step (both reached) | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
+    for seq, model, minutes, steps, final, common_bpc, common, rate in rows:
         common_text = "-" if common_bpc is None else f"{common_bpc:.4f} (step {common:,})"
-        print(f"| {seq:,} | {model} | {steps:,} | {final:.4f} | {common_text} | {rate:,.0f} |")
-    note = plot(out / "quality.png", curves, args.minutes)
+        print(f"| {seq:,} | {model} | {minutes:.1f} | {steps:,} | {final:.4f} | {common_text} | {rate:,.0f} |")
+    note = plot(out / "quality.png", curves)
     print(note or f"plot: {out / 'quality.png'}")
 
 

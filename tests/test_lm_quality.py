@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,43 @@ def test_equal_budgets_and_the_table(tmp_path, capsys):
         curve = quality.validation(tmp_path / "q" / f"32-{model}")
         assert curve and curve[-1][0] == summary["step"] > 12  # trained past the calibration, evaluated at the end
         assert all(t1 > t0 for (_, t0, _), (_, t1, _) in zip(curve, curve[1:]))  # training seconds grow
+
+
+TINY_RUN = ["--dim", "16", "--depth", "1", "--batch-size", "2", "--eval-batches", "1"]
+
+
+def test_one_model_per_call_then_the_report(tmp_path, capsys):
+    from test_train_enwik8 import synthetic_text
+
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(synthetic_text(20_000))
+    quality = load(ROOT / "benchmarks" / "lm_quality.py")
+    common = ["--device", "cpu", "--seqs", "32", "--minutes", "0.01", "--calibrate", "11", "--out", str(tmp_path / "q")]
+    quality.main([*common, "--models", "dense", "--", "--data", str(data), *TINY_RUN])
+    assert "the table: --report" in capsys.readouterr().out  # colt5 has not trained yet
+    quality.main([*common, "--models", "colt5", "--", "--data", str(data), *TINY_RUN])
+    trained = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32 |")]
+    quality.main([*common, "--report"])
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32 |")] == trained
+    assert [row.split("|")[2].strip() for row in trained] == ["colt5", "dense"]
+
+
+def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
+    from test_train_enwik8 import synthetic_text
+
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(synthetic_text(20_000))
+    defaults = load(ROOT / "benchmarks" / "lm_defaults.py")
+    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "lr 1e-3", "2x routed tokens",
+                   "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN])
+    rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert {"default", "lr 1e-3", "2x routed tokens"} <= set(rows)
+    runs = {name: tmp_path / "d" / defaults.run_dir_name(name) for name in ("default", "lr 1e-3", "2x routed tokens")}
+    start = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for name, run in runs.items()}
+    start = {name: next(r["val_bpc"] for r in rows if r["step"] == 0 and "val_bpc" in r) for name, rows in start.items()}
+    assert start["default"] == start["lr 1e-3"]  # one seed: the same model and batches; only the schedule differs
+    checkpoints = {name: torch.load(run / "checkpoint.pt", weights_only=True)["args"] for name, run in runs.items()}
+    assert checkpoints["lr 1e-3"]["lr"] == 1e-3 and checkpoints["default"]["lr"] != 1e-3
+    assert checkpoints["2x routed tokens"]["model_args"]["num_heavy_ff_tokens"] == 16
+    finals = {name: defaults.final_validation(run) for name, run in runs.items()}
+    assert all(step == 6 for step, _ in finals.values()) and finals["lr 1e-3"][1] != finals["default"][1]

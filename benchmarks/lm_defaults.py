@@ -1,0 +1,108 @@
+"""The training example's defaults, chosen by measurement: variants of the CoLT5 model at equal steps.
+
+    python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~6 minutes)
+    python benchmarks/lm_defaults.py --steps 3000 --variants default "lr 1e-3" dense
+    python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 -- --dim 32 --depth 1   # a smoke run
+
+Every variant trains from the same seed for the same number of steps (so with the same schedule
+and the same batches) on the default corpus, in the example's default mode for the device, and the
+table compares their validation bpc at the end. Quality at equal steps does not depend on speed;
+the runs go one after another all the same (--parallel 1): eight CUDA-graph runs sharing one H200
+made about a third of the steps that the same runs make one at a time. Arguments after `--` go
+to every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_enwik8.py"
+
+
+def model_args(**kwargs) -> list[str]:
+    return [arg for key, value in kwargs.items() for arg in ("--model-arg", f"{key}={value}")]
+
+
+# name -> the example's flags. The default: lr 6e-4; of 8 heads 2 light (window 128) and 6 heavy;
+# per routing window of 128: 8 routed queries, 16 routed key-values, 8 routed feedforward tokens.
+VARIANTS = {
+    "default": [],
+    "lr 3e-4": ["--lr", "3e-4"],
+    "lr 1e-3": ["--lr", "1e-3"],
+    "lr 2e-3": ["--lr", "2e-3"],
+    "4 light + 4 heavy heads": model_args(light_heads=4, heavy_heads=4),
+    "2x routed tokens": model_args(num_heavy_attn_tokens_q=16, num_heavy_attn_tokens_kv=32, num_heavy_ff_tokens=16),
+    "rotary in both branches": model_args(rotary_emb=True),
+    "dense": ["--dense"],
+}
+
+
+def run_dir_name(variant: str) -> str:
+    return variant.replace(" + ", "+").replace(" ", "_")
+
+
+def final_validation(out: Path) -> tuple[int, float] | None:
+    """(step, val bpc) of the run's last evaluation, or None if it made none."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    seen = [(r["step"], r["val_bpc"]) for r in rows if "val_bpc" in r]
+    return seen[-1] if seen else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--parallel", type=int, default=1, help="runs at once on the device")
+    p.add_argument("--device", default=None, help="passed to the training example (default: its own)")
+    p.add_argument("--out", default="runs/defaults")
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Each run compiles on its own; a few compile threads each keep the host from thrashing.
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "2")}
+    pending, running, failed = list(args.variants), {}, {}
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            run_dir = out / run_dir_name(name)
+            cmd = [sys.executable, str(SCRIPT), "--seq-len", str(args.seq), "--steps", str(args.steps),
+                   "--eval-every", str(max(1, args.steps // 5)), "--generate-every", "0", "--no-progress",
+                   "--out", str(run_dir), "--overwrite", *VARIANTS[name], *extra]
+            cmd += ["--device", args.device] if args.device else []
+            log = open(out / f"{run_dir.name}.log", "w")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), run_dir, log)
+        name = next(iter(running))
+        proc, run_dir, log = running.pop(name)
+        if proc.wait():
+            failed[name] = log.name
+        log.close()
+
+    print(f"examples/train_enwik8.py --seq-len {args.seq} --steps {args.steps}{' ' + ' '.join(extra) if extra else ''}, "
+          f"the same seed and batches for every variant")
+    print("| variant | flags | val bpc at the end | vs default |")
+    print("|---|---|---|---|")
+    base = final_validation(out / "default")
+    for name in args.variants:
+        result = None if name in failed else final_validation(out / run_dir_name(name))
+        flags = " ".join(VARIANTS[name]) or "-"
+        if result is None:
+            print(f"| {name} | {flags} | failed (see {failed.get(name, 'its log')}) | - |")
+            continue
+        delta = f"{result[1] - base[1]:+.4f}" if base and name != "default" else "-"
+        print(f"| {name} | `{flags}` | {result[1]:.4f} (step {result[0]:,}) | {delta} |")
+
+
+if __name__ == "__main__":
+    main()
