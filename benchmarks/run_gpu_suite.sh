@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages: bash benchmarks/run_gpu_suite.sh STAGE...
-# Stages: tests block lm profile coor local cross variants train. Logs go to $OUT (or ./gpu-logs).
+# Stages: tests block lm profile coor local cross variants train quality defaults. Logs go to $OUT
+# (or ./gpu-logs). quality trains 5 minutes per model and length: one model per device call
+# (QUALITY_MODELS=colt5, then QUALITY_MODELS=dense on the same warm machine, whose /tmp keeps the
+# first), the table and plot then by `python benchmarks/lm_quality.py --report --out /tmp/quality`.
 # On a machine without network, carry the wheels of local-attention and its deps in .whl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +29,9 @@ for stage in "$@"; do
         flag=$([ $model = dense ] && echo --dense); TAIL=6 run "train-$model" python3 examples/train_enwik8.py --device cuda --seq-len 4096 \
           --steps "$STEPS" --eval-every 100 --eval-batches 8 --generate-every 0 --no-progress --out "/tmp/run-$model" $flag
       done ;;
+    quality) run quality python3 benchmarks/lm_quality.py --seqs ${QUALITY_SEQS:-16384} --models ${QUALITY_MODELS:-colt5 dense} \
+        --calibrate 20 --out /tmp/quality -- --eval-batches 8 ;;
+    defaults) run defaults python3 benchmarks/lm_defaults.py --out /tmp/defaults ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
