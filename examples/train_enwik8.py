@@ -93,6 +93,7 @@ DEFAULTS = {
 # Flags that define the model, data or the optimisation trajectory: a resumed run must not change them.
 FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "depth", "dense", "seed", "warmup", "steps",
                    "model_args")
+MODEL_FLAGS = {"dim": "--dim", "depth": "--depth", "dense": "--dense", "max_seq_len": "--seq-len", "num_tokens": "bytes: 256"}
 EVAL_SEED = 12345  # the same validation windows at every evaluation, on every run
 LOG2 = math.log(2.0)
 CHECKPOINT, METRICS, SUMMARY, PLOT = "checkpoint.pt", "metrics.jsonl", "summary.json", "loss_curve.png"
@@ -221,6 +222,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise RunError(f"--no-compile and --compile {args.compile} contradict each other: pass one of them")
     if args.model_args is not None:
         args.model_args = dict(args.model_args)
+        taken = sorted(set(args.model_args) & MODEL_FLAGS.keys())
+        if taken:
+            raise RunError(f"--model-arg {taken[0]}: set by its own flag ({MODEL_FLAGS[taken[0]]}), not --model-arg")
     if args.data is not None:
         args.data = str(Path(args.data).resolve())  # a resumed run may start from another directory
     return args
@@ -707,7 +711,8 @@ def set_up(argv: list[str] | None) -> Run | dict:
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     parallel = "fsdp" if args.fsdp else "ddp" if world > 1 else "none"
-    log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}, {n_params / 1e6:.2f}M "
+    overrides = "".join(f", {key}={value!r}" for key, value in args.model_args.items())
+    log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}{overrides}, {n_params / 1e6:.2f}M "
         f"parameters; device {device}, precision {args.precision}, world size {world}"
         f"{f' ({parallel})' if world > 1 else ''}{f', compiled ({args.compile})' if args.compile else ''}"
         f"{', the step captured in a CUDA graph' if args.cuda_graphs else ''}")

@@ -234,9 +234,12 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["args"]["model_args"] == args.model_args
     refused(script, ["--out", str(out), "--resume", "--model-arg", "num_heavy_ff_tokens=4"], capsys, match="--model-arg")
+    capsys.readouterr()
     script.main(["--out", str(out), "--resume", "--no-progress"])  # the saved overrides come back
+    assert "num_heavy_ff_tokens=3, light_ff_mult=1.0" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     refused(script, [*common, "--model-arg", "heads"], capsys, match="KEY=VALUE")
+    refused(script, [*common, "--model-arg", "dim=64"], capsys, match="its own flag (--dim)")
     refused(script, [*common, "--model-arg", "light_ff_mult=half"], capsys, match="not a Python literal")
     refused(script, [*common, "--model-arg", "no_such_option=1", "--out", str(tmp_path / "bad")], capsys,
             match="refuses it")
