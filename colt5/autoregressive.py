@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from colt5 import validation
 from colt5.block_options import block_options, split_block_options
 from colt5.causal_routing import CausalCoordinateDescentRouter, RouterCache
-from colt5.decoding import DecodePosition, step_key, without_grad_when_decoding
+from colt5.decoding import DecodePosition, LayersCache, without_grad_when_decoding
 from colt5.feedforward import FeedForward, routed_feedforward
 from colt5.heavy_attention import RoutedAttention, RoutedKVCache
 from colt5.local_attention import LocalAttentionCache, LocalMHA
@@ -86,25 +86,9 @@ class BlockCache:
         self.attn, self.ff = attn, ff
 
 
-class StackCache:
-    """A ConditionalRoutedAutoregressiveTransformer's decode state: one BlockCache per block and
-    the position they share (`ConditionalRoutedAutoregressiveTransformer.new_cache`)."""
-
-    def __init__(self, position: DecodePosition, layers: list[BlockCache], windows: tuple[int, ...]) -> None:
-        self.position = position
-        self.layers = layers
-        self.windows = windows
-
-    @property
-    def length(self) -> int:
-        return self.position.length
-
-    def step_key(self) -> tuple:
-        """What the next step decides on the host (`colt5.decoding.step_key`)."""
-        return step_key(self.position.length, self.windows)
-
-    def reset(self) -> None:
-        self.position.reset()
+class StackCache(LayersCache):
+    """A ConditionalRoutedAutoregressiveTransformer's decode state (its `new_cache`): one
+    BlockCache per block, the position they share and the blocks' routing windows."""
 
 
 def _decoding(x: Tensor, cache, random_route: bool) -> None:

@@ -105,6 +105,27 @@ def step_key(length: int, windows: Iterable[int]) -> tuple[tuple[bool, bool], ..
     return tuple((length < w, length % w == 0) for w in sorted(set(windows)))
 
 
+class LayersCache:
+    """A stack's decode state: one cache per layer, the position they share, and the routing
+    window sizes whose boundaries change a step's ops (none for a dense stack)."""
+
+    def __init__(self, position: DecodePosition, layers: list, windows: tuple[int, ...] = ()) -> None:
+        self.position = position
+        self.layers = layers
+        self.windows = windows
+
+    @property
+    def length(self) -> int:
+        return self.position.length
+
+    def step_key(self) -> tuple:
+        """What the next step decides on the host (`step_key`)."""
+        return step_key(self.position.length, self.windows)
+
+    def reset(self) -> None:
+        self.position.reset()
+
+
 class CUDAGraphStep:
     """A decode step replayed from CUDA graphs, one per `step_key`, captured the first time a
     key comes up.

@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from colt5 import validation
-from colt5.decoding import DecodePosition, reuse, without_grad_when_decoding
+from colt5.decoding import DecodePosition, LayersCache, reuse, without_grad_when_decoding
 
 __all__ = ["DenseAttention", "DenseFeedForward", "DenseTransformerBlock", "DenseTransformer", "DenseCache"]
 
@@ -30,25 +30,10 @@ class DenseAttentionCache:
         self.v: Tensor | None = None
 
 
-class DenseCache:
+class DenseCache(LayersCache):
     """A causal DenseTransformer's decode state (`DenseTransformer.new_cache`): a key/value
-    cache per layer and the position they share."""
-
-    windows: tuple[int, ...] = ()  # no routing windows: every step runs the same ops
-
-    def __init__(self, position: DecodePosition, layers: list[DenseAttentionCache]) -> None:
-        self.position = position
-        self.layers = layers
-
-    @property
-    def length(self) -> int:
-        return self.position.length
-
-    def step_key(self) -> tuple:
-        return ()
-
-    def reset(self) -> None:
-        self.position.reset()
+    cache per layer and the position they share; no routing windows, so every step runs the
+    same ops."""
 
 
 class DenseAttention(nn.Module):
