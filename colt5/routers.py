@@ -360,21 +360,20 @@ def check_route_back(out: Tensor, routed_out: Tensor, indices: Tensor | None, ro
         if picks[-1] != n:
             raise ValueError(f"with indices None, routed_out must have out's positions [{b}, (routes,) {n}, {d}], got {tuple(routed_out.shape)}")
     else:
-        if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"indices must be an int64 tensor or None, got {getattr(indices, 'dtype', type(indices).__name__)}")
-        if tuple(indices.shape) != picks:
-            raise ValueError(f"indices must have shape {picks} (routed_out's without its width), got {tuple(indices.shape)}")
-        if indices.device != out.device:
-            raise ValueError(f"indices must be on the device of out ({out.device}), got {indices.device}")
-    if routed_mask is not None:
-        if not isinstance(routed_mask, Tensor) or routed_mask.dtype != torch.bool:
-            raise TypeError(f"routed_mask must be a bool tensor or None, got {getattr(routed_mask, 'dtype', type(routed_mask).__name__)}")
-        if tuple(routed_mask.shape) != picks:
-            raise ValueError(f"routed_mask must have shape {picks} (that of indices), got {tuple(routed_mask.shape)}")
-        if routed_mask.device != out.device:
-            raise ValueError(f"routed_mask must be on the device of out ({out.device}), got {routed_mask.device}")
-    if indices is not None:
+        _check_picks(indices, "indices", (torch.int64, torch.int32), "an int64", picks, "routed_out's without its width", out)
         validation.indices_in_range(indices, n, "indices")
+    if routed_mask is not None:
+        _check_picks(routed_mask, "routed_mask", (torch.bool,), "a bool", picks, "that of indices", out)
+
+
+def _check_picks(t: object, name: str, dtypes: tuple, kind: str, picks: tuple, shape_why: str, out: Tensor) -> None:
+    """One tensor per pick (route_back's indices or routed_mask): its dtype, shape and device."""
+    if not isinstance(t, Tensor) or t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {kind} tensor or None, got {getattr(t, 'dtype', type(t).__name__)}")
+    if tuple(t.shape) != picks:
+        raise ValueError(f"{name} must have shape {picks} ({shape_why}), got {tuple(t.shape)}")
+    if t.device != out.device:
+        raise ValueError(f"{name} must be on the device of out ({out.device}), got {t.device}")
 
 
 def norm_and_scores(norm: nn.LayerNorm, x: Tensor, routers: list[Router]) -> tuple[Tensor, list[Tensor] | None]:
