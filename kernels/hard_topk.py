@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .checks import check_mask, check_schedule, check_scores
+from .checks import _is_real, check_mask, check_schedule, check_scores
 from .soft_topk import coor_descent
 
 
@@ -52,14 +52,13 @@ def topk(
     n = x.shape[-1]
     if not 0 < k <= n:
         raise ValueError(f"k must be in [1, x.shape[-1]={n}], got {k}")
-    if not (isinstance(coor_descent_k_ratio, numbers.Real) and not isinstance(coor_descent_k_ratio, bool)):
+    if not _is_real(coor_descent_k_ratio):
         raise TypeError(f"coor_descent_k_ratio must be a number, got {type(coor_descent_k_ratio).__name__}")
     if not 1 <= coor_descent_k_ratio < math.inf:
         raise ValueError(f"coor_descent_k_ratio must be a finite number >= 1, got {coor_descent_k_ratio}")
-    check_schedule(n_iters, eps, eps_init, eps_decay)  # in every mode, non_differentiable too
-
     ranked = x if mask is None else x.masked_fill(~mask, torch.finfo(x.dtype).min)
     if non_differentiable:
+        check_schedule(n_iters, eps, eps_init, eps_decay)  # unused here but refused all the same
         values, indices = ranked.topk(k, dim=-1)
         return TopkReturn(values, indices, None, None)
 

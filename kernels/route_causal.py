@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import check_schedule, check_scores
+from .checks import _is_real, check_schedule, check_scores
 from .soft_topk_kernels import (
     _N_STATS,
     _STAT_A,
@@ -513,7 +513,7 @@ def _check_args(scores, window_size, capacity, k, n_iters, eps, eps_init, eps_de
         raise ValueError(f"scores must have at least one position (seq >= 1), got shape {tuple(scores.shape)}")
     _check_int(window_size, "window_size", 1)
     _check_int(capacity, "capacity", 1, window_size, f"window_size={window_size}")
-    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+    if not _is_real(k):
         raise TypeError(f"k must be a number, got {type(k).__name__}")
     if not 0 < k < float("inf"):
         raise ValueError(f"k must be finite and > 0, got {k}")
