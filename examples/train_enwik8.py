@@ -238,8 +238,7 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
     so on `world` processes its --batch-size is global / world: the same windows every step.
     """
     if saved is not None:
-        # model_args joined the checkpoint's args later: older runs had none.
-        saved = {"model_args": {}, **saved, "batch_size": resumed_batch_size(args.batch_size, saved["batch_size"], saved_world, world)}
+        saved = {**saved, "batch_size": resumed_batch_size(args.batch_size, saved["batch_size"], saved_world, world)}
         for key in FIXED_ON_RESUME:
             given = getattr(args, key)
             if given is None or given == saved[key]:
@@ -408,7 +407,8 @@ def load_checkpoint(path: Path) -> dict:
     args = state.get("args") if isinstance(state, dict) else None
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if isinstance(args, dict):
-        missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args and k != "model_args"]
+        args.setdefault("model_args", {})  # joined the checkpoint's args later: older runs had none
+        missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
     if isinstance(state, dict) and not isinstance(state.get("world_size", 1), int):
         missing.append("a valid world_size")
     if missing or not isinstance(args, dict) or not isinstance(state["step"], int):
