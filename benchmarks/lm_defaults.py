@@ -14,12 +14,11 @@ Arguments after `--` go to every run.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_enwik8.py"
+from example_runs import evaluations, example_command, split_extra
 
 
 def model_args(**kwargs) -> list[str]:
@@ -46,34 +45,27 @@ def run_dir_name(variant: str) -> str:
 
 def final_validation(out: Path) -> tuple[int, float] | None:
     """(step, val bpc) of the run's last evaluation, or None if it made none."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    seen = [(r["step"], r["val_bpc"]) for r in rows if "val_bpc" in r]
-    return seen[-1] if seen else None
+    seen = evaluations(out)
+    return (seen[-1]["step"], seen[-1]["val_bpc"]) if seen else None
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own, extra = split_extra(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--device", default=None, help="passed to the training example (default: its own)")
     p.add_argument("--out", default="runs/defaults")
-    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args = p.parse_args(own)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = {}
     for name in args.variants:
         run_dir = out / run_dir_name(name)
-        cmd = [sys.executable, str(SCRIPT), "--seq-len", str(args.seq), "--steps", str(args.steps),
-               "--eval-every", str(max(1, args.steps // 5)), "--generate-every", "0", "--no-progress",
-               "--out", str(run_dir), "--overwrite", *VARIANTS[name], *extra]
-        cmd += ["--device", args.device] if args.device else []
+        cmd = example_command(run_dir, seq=args.seq, steps=args.steps, eval_every=max(1, args.steps // 5),
+                              flags=[*VARIANTS[name], *extra], device=args.device)
         with open(out / f"{run_dir.name}.log", "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
                 failed[name] = log.name

@@ -26,15 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_enwik8.py"
+from example_runs import evaluations, example_command, split_extra
+
 MODELS = ("colt5", "dense")
 
 
 def train(out: Path, seq: int, model: str, steps: int, eval_every: int, extra: list[str], device: str | None) -> dict:
     """One run of the training example into `out` (replaced); returns its summary."""
-    cmd = [sys.executable, str(SCRIPT), "--seq-len", str(seq), "--steps", str(steps), "--eval-every", str(eval_every),
-           "--generate-every", "0", "--no-progress", "--out", str(out), "--overwrite", *extra]
-    cmd += ["--dense"] * (model == "dense") + (["--device", device] if device else [])
+    cmd = example_command(out, seq=seq, steps=steps, eval_every=eval_every, flags=[*extra] + ["--dense"] * (model == "dense"),
+                          device=device)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{model} at seq {seq} failed ({' '.join(cmd)}):\n{(proc.stderr or proc.stdout).strip()[-2000:]}")
@@ -43,8 +43,7 @@ def train(out: Path, seq: int, model: str, steps: int, eval_every: int, extra: l
 
 def validation(out: Path) -> list[tuple[int, float, float]]:
     """(step, training seconds, val bpc) of every evaluation after step 0."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train_s"], r["val_bpc"]) for r in rows if "val_bpc" in r and r["step"] > 0]
+    return [(r["step"], r["train_s"], r["val_bpc"]) for r in evaluations(out) if r["step"] > 0]
 
 
 def at_step(curve: list[tuple[int, float, float]], step: int) -> float | None:
@@ -80,8 +79,7 @@ def plot(path: Path, curves: dict) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own, extra = split_extra(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seqs", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--minutes", type=float, default=5.0, help="training time per model and length")
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="train only these")
     p.add_argument("--report", action="store_true", help="train nothing: the table and plot of the runs already in OUT")
     p.add_argument("--out", default="runs/quality")
-    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args = p.parse_args(own)
     if args.calibrate <= 10:
         p.error("--calibrate must be more than 10 steps (the first 10 are warm-up)")
 

@@ -19,16 +19,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_enwik8.py"
+from example_runs import example_command
+
 FLAGS = {"default": [], "no-compile": ["--no-compile"], "eager": ["--eager"]}
 
 
 def run(seq: int, dense: bool, mode: str, steps: int) -> dict | None:
     """summary.json of one run, or None (its last lines of output on stderr)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, str(SCRIPT), "--seq-len", str(seq), "--steps", str(steps), "--eval-every", str(10 * steps),
-               "--eval-batches", "2", "--generate-every", "0", "--no-progress", "--out", out, *FLAGS[mode]]
-        proc = subprocess.run(cmd + ["--dense"] * dense, capture_output=True, text=True)
+        cmd = example_command(out, seq=seq, steps=steps, eval_every=10 * steps,
+                              flags=["--eval-batches", "2", *FLAGS[mode]] + ["--dense"] * dense)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"  ! seq={seq} dense={dense} mode={mode}: {(proc.stderr or proc.stdout).strip()[-600:]}", file=sys.stderr)
             return None

@@ -3,6 +3,7 @@ budget, and compared at the steps both reached."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -11,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(path: Path):
+    if str(path.parent) not in sys.path:  # as when run as a script: its folder's modules (example_runs)
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
