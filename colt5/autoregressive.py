@@ -38,7 +38,7 @@ from colt5.decoding import DecodePosition, LayersCache, without_grad_when_decodi
 from colt5.feedforward import FeedForward, routed_feedforward
 from colt5.heavy_attention import RoutedAttention, RoutedKVCache
 from colt5.local_attention import LocalAttentionCache, LocalMHA
-from colt5.routers import RouterFactory, layer_router_kwargs, make_router, norm_and_scores
+from colt5.routers import RouterFactory, layer_router_kwargs, make_router, norm_and_scores, scatter_back_one
 
 __all__ = [
     "ConditionalRoutedAutoregressiveAttention",
@@ -346,10 +346,10 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         _decoding(x, cache, random_route)
         if cache.position.length:
             return self._decode(x, cache, c, residual)
-        # The prefill: the forward, and the router's state from the same scores (computed again:
-        # a norm and a dot product over the prompt, the same ops on the same input).
-        self.router.fill_cache(cache.router, self._scores(x)[1], c)
-        return routed_feedforward(self, x, residual, num_tokens=c)
+        # The prefill: the forward, and the router's state from the same scores.
+        xn, scores = self._scores(x)
+        self.router.fill_cache(cache.router, scores, c)
+        return routed_feedforward(self, x, residual, normed=(xn, [scores]), num_tokens=c)
 
     def _scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(norm x, the router's scores of it [b, 1, n]), as routed_feedforward has them."""
@@ -362,9 +362,8 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         light = self.light_ff(x)
         routed, _, weight = self.router.decode(scores, cache.router, c)  # [b, 1]
         heavy = self.heavy_ff(x)  # one token: cheaper than a gather
-        out = light if residual is None else residual + light.to(residual.dtype)
-        heavy = torch.where(routed[..., None], heavy, 0.0) * weight[..., None].to(heavy.dtype)
-        return out + heavy.to(out.dtype)
+        base, light = (light, None) if residual is None else (residual, light)
+        return scatter_back_one(base, heavy, routed, weight, light=light)
 
 
 class ConditionalRoutedAutoregressiveTransformerBlock(nn.Module):

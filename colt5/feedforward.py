@@ -49,12 +49,13 @@ class FeedForward(nn.Module):
 
 
 
-def routed_feedforward(layer: nn.Module, x: Tensor, residual: Tensor | None, **route) -> Tensor:
+def routed_feedforward(layer: nn.Module, x: Tensor, residual: Tensor | None, *,
+                       normed: tuple[Tensor, list[Tensor] | None] | None = None, **route) -> Tensor:
     """The routed feedforward's computation, shared by the encoder and the causal layer: norm and
-    scores, light FF on every token, the router's picks (`route`: its forward's arguments), heavy
-    FF on them, and the scatter back (onto `residual` when given). `layer` has norm, light_ff,
-    heavy_ff and router."""
-    x, scores = norm_and_scores(layer.norm, x, [layer.router])
+    scores (`normed`, norm_and_scores' output, when the caller has them), light FF on every
+    token, the router's picks (`route`: its forward's arguments), heavy FF on them, and the
+    scatter back (onto `residual` when given). `layer` has norm, light_ff, heavy_ff and router."""
+    x, scores = norm_and_scores(layer.norm, x, [layer.router]) if normed is None else normed
     light = layer.light_ff(x)
     indices, weights, routed, routed_mask = layer.router(x, scores=scores and scores[0], **route)
     heavy = layer.heavy_ff(routed)

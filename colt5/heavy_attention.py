@@ -31,7 +31,7 @@ from colt5.decoding import DecodePosition, reuse
 from colt5.kernels.flash_attention import attention
 from colt5.precision import Linear
 from colt5.rotary import RotaryEmbedding, apply_rotary
-from colt5.routers import RouterReturn, scatter_back
+from colt5.routers import RouterReturn, scatter_back, scatter_back_one
 
 __all__ = ["RoutedAttention", "RoutedKVCache", "decode_attention"]
 
@@ -254,14 +254,7 @@ class RoutedAttention(nn.Module):
         qh = self._queries(x, q_weight, pos.expand(b, 1))
         out = decode_attention(qh, cache.kv, self.null_kv, cache.weight, visible)
         heavy = self.to_out(out.reshape(b, 1, h * dh))
-        # scatter_back's sum at one position
-        out = base if light is None else base + light.to(base.dtype)
-        routed = q_routed[..., None]
-        heavy = (torch.where(routed, heavy, 0.0) * q_weight[..., None].to(heavy.dtype)).to(base.dtype)
-        if self.null_q_token is None:
-            return out + heavy
-        null = self.null_q_token.to(base.dtype)
-        return out + null + torch.where(routed, heavy - null, 0.0)
+        return scatter_back_one(base, heavy, q_routed, q_weight, light=light, null=self.null_q_token)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, dim_head={self.dim_head}, num_routes={self.num_routes}"

@@ -121,6 +121,19 @@ def scatter_back(
     return scatter_back_reference(base, routed, indices, light=light, weights=weights, real=real, null=null)
 
 
+def scatter_back_one(base: Tensor, heavy: Tensor, routed: Tensor, weight: Tensor, *, light: Tensor | None = None,
+                     null: Tensor | None = None) -> Tensor:
+    """`scatter_back` at one position (a decode step): base [b, 1, d] + light + heavy [b, 1, d]
+    times weight [b, 1] where routed [b, 1] (bool), else null when given; in base's dtype."""
+    out = base if light is None else base + light.to(base.dtype)
+    routed = routed[..., None]
+    heavy = (torch.where(routed, heavy, 0.0) * weight[..., None].to(heavy.dtype)).to(base.dtype)
+    if null is None:
+        return out + heavy
+    null = null.to(base.dtype)
+    return out + null + torch.where(routed, heavy - null, 0.0)
+
+
 def layer_router_kwargs(router_kwargs: dict | None, *, reserved: tuple[str, ...], **fixed) -> dict:
     """A layer's router arguments: its own settings (`fixed`), then the user's `router_kwargs`,
     which may not set the `reserved` keys (the structure the layer controls)."""
@@ -279,13 +292,9 @@ class Router(nn.Module):
         )
 
     def _select_in_blocks(self, scores: Tensor, mask: Tensor | None, num_tokens: int, block: int, random_route: bool) -> RoutePicks:
-        b, r, n = scores.shape
-        num_blocks = math.ceil(n / block)
-        pad = num_blocks * block - n
-        valid = torch.ones(b, n, dtype=torch.bool, device=scores.device) if mask is None else mask
-        scores = F.pad(scores, (0, pad)).view(b, r, num_blocks, block)
-        valid = F.pad(valid, (0, pad), value=False).view(b, 1, num_blocks, block).expand(b, r, num_blocks, block)
-        per_block = min(block, math.ceil(num_tokens / num_blocks))
+        n = scores.shape[-1]
+        scores, valid, per_block = _in_blocks(scores, mask, num_tokens, block)
+        num_blocks = scores.shape[2]
         local, weights, real = self._select_rows(scores, valid, per_block, random_route)
         starts = torch.arange(num_blocks, device=scores.device).mul_(block).view(1, 1, num_blocks, 1)
         # Picks in the padded tail point at n - 1 with real=False: route_back adds zeros there.
@@ -308,15 +317,10 @@ class Router(nn.Module):
     def _stat_rows(self, scores: Tensor, mask: Tensor | None, num_tokens: int) -> tuple[Tensor, Tensor, float, int]:
         """Scores [b, r, n] -> the rows of this router's soft top-k [b, r, R, L], which of their
         positions are real [b, r, R, L], the soft top-k's k' and the tokens each row routes."""
-        b, r, n = scores.shape
+        n = scores.shape[-1]
         blocked = self.route_block_size is not None and self.route_block_size < n  # as `select`
         block = self.route_block_size if blocked else max(n, 1)  # n = 0: one row of padding
-        num_blocks = math.ceil(n / block) if blocked else 1
-        per_row = min(block, math.ceil(num_tokens / num_blocks)) if blocked else num_tokens
-        pad = num_blocks * block - n
-        valid = torch.ones(b, n, dtype=torch.bool, device=scores.device) if mask is None else mask
-        rows = F.pad(scores, (0, pad)).view(b, r, num_blocks, block)
-        valid = F.pad(valid, (0, pad), value=False).view(b, 1, num_blocks, block).expand(b, r, num_blocks, block)
+        rows, valid, per_row = _in_blocks(scores, mask, num_tokens, block)
         return rows, valid, min(float(block), per_row * self.fetch_k_ratio), per_row
 
     @torch.no_grad()
@@ -343,6 +347,18 @@ class Router(nn.Module):
         counted = real.clamp_max(per_row)
         picked = torch.where(counted > 0, top / counted.clamp_min(1), torch.ones_like(top))
         return RouterStats(y.flatten(2)[..., :n], target, weight_sum, sum_ratio, picked)
+
+
+def _in_blocks(scores: Tensor, mask: Tensor | None, num_tokens: int, block: int) -> tuple[Tensor, Tensor, int]:
+    """Scores [b, r, n] padded to whole blocks: (rows [b, r, blocks, block], which of their
+    positions are real tokens (same shape), the tokens each block routes). n = 0: one block."""
+    b, r, n = scores.shape
+    num_blocks = max(1, math.ceil(n / block))
+    pad = num_blocks * block - n
+    valid = torch.ones(b, n, dtype=torch.bool, device=scores.device) if mask is None else mask
+    rows = F.pad(scores, (0, pad)).view(b, r, num_blocks, block)
+    valid = F.pad(valid, (0, pad), value=False).view(b, 1, num_blocks, block).expand(b, r, num_blocks, block)
+    return rows, valid, min(block, math.ceil(num_tokens / num_blocks))
 
 
 def check_route_back(out: Tensor, routed_out: Tensor, indices: Tensor | None, routed_mask: Tensor | None) -> None:
