@@ -259,15 +259,16 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         light = self.light_attn(x, cache=None if cache is None else cache.light)
         q = self.q_router(x, num_tokens=cq, random_route=random_route, scores=q_scores)  # [b, w * cq] slots
         kv = self.kv_router(x, num_tokens=ckv, random_route=random_route, keep_one_route_dim=True, scores=kv_scores)
+        fill = None
         if cache is not None:
             self.q_router.fill_cache(cache.q, q_scores, cq)
             self.kv_router.fill_cache(cache.kv, kv_scores, ckv)
-            self.heavy.fill_cache(cache.slots, kv, slots=-(-cache.position.capacity // W) * ckv)
+            fill = (cache.slots, -(-cache.position.capacity // W) * ckv)  # the heavy branch keeps its key-values
             cache.counts = (cq, ckv, span)
         # causal on original positions; slots come in window order, cq and ckv per window
         if residual is not None:
-            return self.heavy(residual, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span, light=light)
-        return self.heavy(light, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span)
+            return self.heavy(residual, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span, light=light, fill=fill)
+        return self.heavy(light, q, kv, causal=True, window_slots=(cq, ckv), kv_span=span, fill=fill)
 
     def _decode(self, x: Tensor, cache: AttentionCache, counts: tuple, residual: Tensor | None) -> Tensor:
         """One token from the cache: both branches at position cache.position.length."""

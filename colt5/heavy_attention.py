@@ -144,7 +144,10 @@ class RoutedAttention(nn.Module):
         window_slots: tuple[int, int] | None = None,
         kv_span: int | None = None,
         light: Tensor | None = None,
+        fill: tuple[RoutedKVCache, int] | None = None,
     ) -> Tensor:
+        """The heavy branch scattered onto base (+ light). fill = (cache, slots): a causal prefill
+        also keeps its routed key-values in the cache, `slots` per route."""
         b, n, _ = base.shape
         h, dh, r = self.heads, self.dim_head, self.num_routes
         q_tokens, kv_tokens = q.routed_tokens, kv.routed_tokens
@@ -158,6 +161,8 @@ class RoutedAttention(nn.Module):
             kv_pos = torch.arange(n, device=base.device).expand(b, r, n) if kv.indices is None else kv.indices
         qh = self._queries(q_tokens, q.scores, q_pos)
         kvh = self._keys_values(kv_tokens, kv.scores, kv_pos)
+        if fill is not None:
+            self._fill_cache(*fill, kv, kvh)
         out = attention(
             qh, kvh,
             null_kv=self.null_kv,
@@ -199,14 +204,13 @@ class RoutedAttention(nn.Module):
         return kvh
 
     # ---- cached decoding -------------------------------------------------------------------
-    def fill_cache(self, cache: RoutedKVCache, kv: RouterReturn, slots: int) -> None:
-        """Keep a prefill's routed key-values (kv: the causal key-value router's return, route
-        dim kept, indices in window order) in a cache of `slots` slots per route."""
-        indices, tokens = kv.indices, kv.routed_tokens
-        b, r, j, _ = tokens.shape
+    def _fill_cache(self, cache: RoutedKVCache, slots: int, kv: RouterReturn, kvh: Tensor) -> None:
+        """Keep a prefill's routed key-values kvh (`forward`'s, from kv: the causal key-value
+        router's return, route dim kept, indices in window order) in a cache of `slots` slots
+        per route."""
+        b, r, j = kvh.shape[:3]
         if j > slots:
             raise ValueError(f"the prefill routed {j} key-value slots per route, more than the cache's {slots}")
-        kvh = self._keys_values(tokens, kv.scores, indices)
         g = self.heads // r
         cache.kv = reuse(cache.kv, (b, r, slots + 1, 2, g, self.dim_head), kvh.dtype, kvh.device, 0.0)
         cache.weight = reuse(cache.weight, (b, r, slots + 1), kv.scores.dtype, kvh.device, 0.0)
