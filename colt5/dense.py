@@ -134,8 +134,7 @@ class DenseTransformer(nn.Module):
         validation.positive_int("capacity", capacity)
         if not self.causal:
             raise ValueError("only a causal DenseTransformer decodes incrementally")
-        p = validation._first_parameter(self)
-        position = DecodePosition(capacity, p.device)
+        position = DecodePosition(capacity, self.layers[0].attn.to_qkv.weight.device)
         return DenseCache(position, [DenseAttentionCache(position) for _ in self.layers])
 
     @without_grad_when_decoding
