@@ -12,11 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(path: Path):
-    if str(path.parent) not in sys.path:  # as when run as a script: its folder's modules (example_runs)
-        sys.path.insert(0, str(path.parent))
+    """A benchmark script as a module, importing its folder's modules (example_runs) as when run
+    as a script; the folder leaves sys.path again (benchmarks/local_attention.py would shadow the
+    local-attention package)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
