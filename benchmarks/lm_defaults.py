@@ -3,6 +3,7 @@
     python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~6 minutes)
     python benchmarks/lm_defaults.py --steps 3000 --variants default "lr 1e-3" dense
     python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 -- --dim 32 --depth 1   # a smoke run
+    python benchmarks/lm_defaults.py --reuse          # a sweep split over calls: keep the runs that finished
 
 Every variant trains from the same seed for the same number of steps (so with the same schedule
 and the same batches) on the default corpus, in the example's default mode for the device, and the
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--device", default=None, help="passed to the training example (default: its own)")
     p.add_argument("--out", default="runs/defaults")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a variant's run in OUT that already reached --steps instead of training it again")
     args = p.parse_args(own)
 
     out = Path(args.out)
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     failed = {}
     for name in args.variants:
         run_dir = out / run_dir_name(name)
+        if args.reuse and (final_validation(run_dir) or (0,))[0] == args.steps:
+            print(f"{name}: kept the finished run in {run_dir}")
+            continue
         cmd = example_command(run_dir, seq=args.seq, steps=args.steps, eval_every=max(1, args.steps // 5),
                               flags=[*VARIANTS[name], *extra], device=args.device)
         with open(out / f"{run_dir.name}.log", "w") as log:

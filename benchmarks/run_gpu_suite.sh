@@ -4,6 +4,7 @@
 # (or ./gpu-logs). quality trains 5 minutes per model and length: one model per device call
 # (QUALITY_MODELS=colt5, then QUALITY_MODELS=dense on the same warm machine, whose /tmp keeps the
 # first), the table and plot then by `python benchmarks/lm_quality.py --report --out /tmp/quality`.
+# defaults keeps the variants already trained in /tmp/defaults (--reuse): a call cut short, run again, goes on.
 # On a machine without network, carry the wheels of local-attention and its deps in .whl.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ for stage in "$@"; do
       done ;;
     quality) run quality python3 benchmarks/lm_quality.py --seqs ${QUALITY_SEQS:-16384} --models ${QUALITY_MODELS:-colt5 dense} \
         --calibrate 20 --out /tmp/quality -- --eval-batches 8 ;;
-    defaults) run defaults python3 benchmarks/lm_defaults.py --out /tmp/defaults ;;
+    defaults) run defaults python3 benchmarks/lm_defaults.py --reuse --out /tmp/defaults ;;
     *) echo "unknown stage $stage" ;;
   esac
 done

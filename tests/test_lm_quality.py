@@ -80,3 +80,12 @@ def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
     assert checkpoints["2x routed tokens"]["model_args"]["num_heavy_ff_tokens"] == 16
     finals = {name: defaults.final_validation(run) for name, run in runs.items()}
     assert all(step == 6 for step, _ in finals.values()) and finals["lr 1e-3"][1] != finals["default"][1]
+
+    # --reuse keeps the finished runs and trains only the missing variant
+    before = {name: (run / "metrics.jsonl").stat().st_mtime_ns for name, run in runs.items()}
+    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "lr 1e-3", "lr 3e-4",
+                   "--reuse", "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN])
+    out = capsys.readouterr().out
+    assert "default: kept" in out and "lr 1e-3: kept" in out and "lr 3e-4: kept" not in out
+    assert {name: (run / "metrics.jsonl").stat().st_mtime_ns for name, run in runs.items()} == before
+    assert defaults.final_validation(tmp_path / "d" / defaults.run_dir_name("lr 3e-4"))[0] == 6
