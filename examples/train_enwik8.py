@@ -38,12 +38,15 @@ single process is refused (exit 2). With --grad-accum N the gradients are reduce
 on the last micro-batch. The checkpoint holds the full (unsharded) model and optimizer state,
 gathered on rank 0, so one file resumes in one process, under DDP or under FSDP, on any number of
 processes that divides its global batch (processes x --batch-size, which a resumed run keeps).
-On one CUDA device the run takes its fastest path by default: each block compiled on its own
-(--compile, regional compilation) and the training step run as one CUDA graph (--cuda-graphs):
-after two eager steps the whole step (every micro-batch's forward and backward, the clipping, the
+On CUDA the run takes its fastest path by default: each block compiled on its own (--compile,
+regional compilation) and the training step captured in a CUDA graph (--cuda-graphs): after two
+eager steps the whole step (every micro-batch's forward and backward, the clipping, the
 optimizer) is captured once and then replayed, so the host's cost per operation is paid once per
-run instead of once per step. --eager opts out of both, --no-compile of the compilation. Under
-torchrun the steps are eager unless --compile (which composes with DDP and FSDP2). A rank that fails prints its error with
+run instead of once per step. Under DDP the captured step sums the gradients over the ranks with
+one all-reduce between two graphs (the backward's and the optimizer's). --eager opts out of
+both, --no-compile of the compilation. FSDP2's steps are eager unless --compile (which composes
+with DDP and FSDP2). --dist-backend gloo on CUDA lets several processes share one GPU (two
+nodes of one process each on one machine, say). A rank that fails prints its error with
 its rank and exits at once (code 1) without waiting for the others, which stop when their next
 collective fails, when torchrun stops them, or after --dist-timeout seconds.
 """
@@ -183,14 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 = autocast (default on CUDA), fp32 (default on CPU)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="compile each block on its own (torch.compile backend, default inductor; aot_eager to rule inductor "
-                        "out); the default on one CUDA device")
+                        "out); the default on CUDA without --fsdp")
     p.add_argument("--no-compile", action="store_true", help="leave the blocks uncompiled (the step is still captured on CUDA)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the training step in one CUDA graph and replay it (the default on one CUDA device; "
+                   help="capture the training step in CUDA graphs and replay it (the default on CUDA without --fsdp; "
                         "--no-cuda-graphs: compiled blocks, eager steps)")
     p.add_argument("--eager", action="store_true", help="plain eager steps: no captured step, no compilation")
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP; needs torchrun")
+    p.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
+                   help="the collectives' backend (nccl on CUDA, gloo on CPU); gloo on CUDA lets processes share a GPU")
     p.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="how long a collective waits for the other ranks before the job stops (600)")
     p.add_argument("--profile", type=_positive_int, default=None, metavar="STEPS",
@@ -333,24 +338,25 @@ def resolve_device(device_arg: str | None, world: int, local_rank: int) -> torch
 
 def check_parallel_flags(args: argparse.Namespace, world: int, device: torch.device) -> None:
     """The flags that need several processes or a GPU, refused where they cannot work; the step's
-    default mode (one CUDA device: blocks compiled, the step captured; otherwise eager)."""
+    default mode (CUDA without --fsdp: blocks compiled, the step captured; otherwise eager)."""
     if args.fsdp and world == 1:
         raise RunError("--fsdp shards the model over several processes: start it with torchrun --nproc_per_node=N "
                        "(N > 1), or leave --fsdp out")
     if args.cuda_graphs and device.type != "cuda":
         raise RunError(f"--cuda-graphs needs a CUDA device (this run is on {device}); leave it out or use --compile")
-    if args.cuda_graphs and world > 1:
-        # FSDP2 re-gathers each block's parameters every step at new addresses, and DDP's
-        # collectives in a graph need a warm-up protocol of their own: one process only.
-        raise RunError("--cuda-graphs captures one process' step; under torchrun leave it out (use --compile)")
-    fastest = device.type == "cuda" and world == 1 and not args.eager  # measured: benchmarks/RESULTS.md
+    if args.cuda_graphs and args.fsdp:
+        # FSDP2 gathers each block's parameters every step at new addresses.
+        raise RunError("--cuda-graphs and --fsdp: FSDP2's step cannot be captured; leave --cuda-graphs out (use --compile)")
+    if args.dist_backend == "nccl" and device.type != "cuda":
+        raise RunError(f"--dist-backend nccl needs CUDA devices (this run is on {device}); use gloo or leave it out")
+    fastest = device.type == "cuda" and not args.fsdp and not args.eager  # measured: benchmarks/RESULTS.md
     if args.cuda_graphs is None:
         args.cuda_graphs = fastest
     if args.compile is None and fastest and not args.no_compile:
         args.compile = "inductor"
 
 
-def init_distributed(device: torch.device, world: int, timeout_s: float) -> bool:
+def init_distributed(device: torch.device, world: int, timeout_s: float, backend: str | None = None) -> bool:
     """Join torchrun's process group; True if this call created it (a caller may have already).
 
     The timeout bounds every collective: a rank whose peers are gone (a crash NCCL cannot see)
@@ -360,8 +366,8 @@ def init_distributed(device: torch.device, world: int, timeout_s: float) -> bool
         torch.cuda.set_device(device)
     if world == 1 or dist.is_initialized():
         return False
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
     return True
 
 
@@ -483,7 +489,7 @@ class Run:
     sampler: RandomWindowSampler
     model: nn.Module  # the language model (under --fsdp sharded in place: its parameters are DTensors)
     net: nn.Module  # what the loop calls: the model, or its DDP wrapper
-    ddp: DistributedDataParallel | None
+    ddp: DistributedDataParallel | None  # None in one process, under FSDP and in the captured step
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     out: Path | None
@@ -602,6 +608,12 @@ def distribute(model: CoLT5LanguageModel, args: argparse.Namespace, *, world: in
             unit.compile(backend=args.compile)
     if world == 1 or args.fsdp:
         return model, None
+    if args.cuda_graphs:
+        # No DDP wrapper: the captured step sums the gradients itself (CapturedStep). Every
+        # replica starts from rank 0's parameters, as DDP would make them.
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+        return model, None
     # A context within one routing window gives the routers no gradient (the first window is
     # routed by position); only then must DDP look for unused parameters.
     one_window = not args.dense and args.seq_len <= model_config(args)["heavy_window_size"]
@@ -707,7 +719,7 @@ def set_up(argv: list[str] | None) -> Run | dict:
 
     corpus, sampler = load_data(args, rank, world)
     log(f"corpus: {corpus.describe()}")
-    owns_group = init_distributed(device, world, args.dist_timeout)
+    owns_group = init_distributed(device, world, args.dist_timeout, args.dist_backend)
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     parallel = "fsdp" if args.fsdp else "ddp" if world > 1 else "none"
@@ -859,15 +871,22 @@ def _commit_step(run: Run, loss: torch.Tensor, bad: torch.Tensor) -> None:
 
 
 class CapturedStep:
-    """The training step as one CUDA graph (--cuda-graphs, the default on one CUDA device).
+    """The training step as CUDA graphs (--cuda-graphs, the default on CUDA without --fsdp).
 
     The first WARMUP steps run eagerly on a side stream (compilation, the optimizer's state, the
-    first call of every kernel); the next one is captured and it and every later step replay the
-    graph: the host copies the micro-batches into a static input and the learning rate into a
-    device tensor, and one launch runs every forward and backward, the clipping and the
-    optimizer, writing the loss and the non-finite flag to static outputs. The gradients live in
-    the graph's memory pool and each replay writes them afresh. Nothing in a step waits for the
-    host, which is what lets it be captured; evaluation and sampling run eagerly in between.
+    first call of every kernel); the next one is captured and it and every later step replay it:
+    the host copies the micro-batches into a static input and the learning rate into a device
+    tensor, and replays write the loss and the non-finite flag to static outputs. Nothing in a
+    step waits for the host, which is what lets it be captured; evaluation and sampling run
+    eagerly in between.
+
+    One process: one graph runs every forward and backward, the clipping and the optimizer; the
+    gradients live in the graph's memory pool and each replay writes them afresh. Several
+    processes: the gradients are views into one flat buffer, and the step is two graphs around
+    one collective: the first zeroes the buffer and runs the forward and backward passes, the host
+    then sums the buffer over the ranks (queued behind the graph on the current stream, with NCCL
+    no wait for the host), and the second divides it by the world size, clips and steps. The
+    collective stays out of the graphs, so every backend works, gloo included.
     """
 
     WARMUP = 2
@@ -875,44 +894,84 @@ class CapturedStep:
     def __init__(self, run: Run) -> None:
         a = run.args
         self.batches = torch.zeros((a.grad_accum, a.batch_size, a.seq_len + 1), dtype=torch.long, device=run.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.grads = flat_gradients(run.model) if run.world > 1 else None
+        self.graphs: list[torch.cuda.CUDAGraph] = []
         self.eager_steps = 0
         self.lrs: list[torch.Tensor] = []
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def warming_up(self) -> bool:
-        return self.graph is None
+        return not self.graphs
 
     def __call__(self, run: Run) -> tuple[torch.Tensor, torch.Tensor]:
         load_batches(run, out=self.batches)
-        if self.graph is None and self.eager_steps < self.WARMUP:
+        if not self.graphs and self.eager_steps < self.WARMUP:
             side = torch.cuda.Stream(run.device)
             side.wait_stream(torch.cuda.current_stream(run.device))
             with torch.cuda.stream(side):
-                loss = forward_backward(run, self.batches)
-                bad = optimizer_step(run)
-                run.optimizer.zero_grad(set_to_none=True)  # the capture starts from no gradients
+                loss = self._forward_backward(run)
+                self._sum_gradients()
+                bad = self._update(run)
+                if self.grads is None:
+                    run.optimizer.zero_grad(set_to_none=True)  # the capture starts from no gradients
             torch.cuda.current_stream(run.device).wait_stream(side)
             self.eager_steps += 1
             return loss, bad
-        if self.graph is None:
+        if not self.graphs:
             self._capture(run)
         for group, lr in zip(run.optimizer.param_groups, self.lrs):
             if group["lr"] is not lr:  # a scheduler that assigns a number rather than filling the tensor
                 lr.fill_(group["lr"])
                 group["lr"] = lr
-        self.graph.replay()
+        self.graphs[0].replay()
+        if len(self.graphs) > 1:
+            self._sum_gradients()
+            self.graphs[1].replay()
         loss, bad = self.outputs
         return loss.clone(), bad.clone()  # the next replay overwrites the static outputs
+
+    def _forward_backward(self, run: Run) -> torch.Tensor:
+        if self.grads is not None:
+            self.grads.zero_()
+        return forward_backward(run, self.batches)
+
+    def _sum_gradients(self) -> None:
+        if self.grads is not None:
+            dist.all_reduce(self.grads)
+
+    def _update(self, run: Run) -> torch.Tensor:
+        if self.grads is not None:
+            self.grads.div_(run.world)
+        return optimizer_step(run)
 
     def _capture(self, run: Run) -> None:
         for group in run.optimizer.param_groups:
             self.lrs.append(torch.tensor(float(group["lr"]), device=run.device))
             group["lr"] = self.lrs[-1]
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them
-            self.outputs = (forward_backward(run, self.batches), optimizer_step(run))
+        first = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(first):  # records the kernels without running them
+            loss = self._forward_backward(run)
+            if self.grads is None:
+                self.outputs = (loss, self._update(run))
+        self.graphs = [first]
+        if self.grads is not None:
+            second = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(second, pool=first.pool()):
+                self.outputs = (loss, self._update(run))
+            self.graphs.append(second)
+
+
+def flat_gradients(model: nn.Module) -> torch.Tensor:
+    """One zeroed buffer holding every parameter's gradient (each .grad a view into it), so that
+    one collective reduces them all."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return flat
 
 
 def emit(run: Run, record: dict) -> None:

@@ -65,15 +65,17 @@ def plan(base: Path, data: Path) -> list[dict]:
 
 def gpu_plan(base: Path, data: Path, world: int) -> list[dict]:
     """The GPU plan on `world` GPUs (2 or 4; global batch 4): DDP and FSDP2 eager, compiled blocks
-    (inductor) under both, FSDP resumed from a one-GPU checkpoint; then rank 1 fails (NCCL)."""
+    (inductor) under both, DDP's default (compiled, the step captured), FSDP resumed from a one-GPU
+    checkpoint; then rank 1 fails (NCCL)."""
     d, c = ["--data", str(data)], [*common("cuda"), "--batch-size", str(4 // world)]
     return [
-        {"argv": [*d, *c, "--out", str(base / "ddp")]},
+        {"argv": [*d, *c, "--eager", "--out", str(base / "ddp")]},
         {"argv": [*d, *c, "--fsdp", "--out", str(base / "fsdp")]},
-        {"argv": [*d, *c, "--compile", "--out", str(base / "ddp_compiled")]},
+        {"argv": [*d, *c, "--compile", "--no-cuda-graphs", "--out", str(base / "ddp_compiled")]},
         {"argv": [*d, *c, "--fsdp", "--compile", "--out", str(base / "fsdp_compiled")]},
+        {"argv": [*d, *c, "--out", str(base / "ddp_graphs")]},
         {"argv": ["--out", str(base / "single_to_fsdp"), "--resume", "--fsdp", "--no-progress", "--log-every", "1"]},
-        {"fail": {"rank": 1, "step": 3}, "argv": [*d, *c, "--steps", "8", "--out", str(base / "failing")]},
+        {"fail": {"rank": 1, "step": 3}, "argv": [*d, *c, "--eager", "--steps", "8", "--out", str(base / "failing")]},
     ]
 
 
@@ -145,11 +147,11 @@ def driver(plan_path: str) -> None:
     dist.destroy_process_group()
 
 
-def two_ranks(cmd: list[str], env: dict, *, timeout: float):
+def two_ranks(cmd: list[str], env: dict, *, timeout: float, local_ranks=(0, 1)):
     """Run cmd as ranks 0 and 1 without torchrun: (the processes, their (stdout, stderr)); both
-    are killed if either outlives `timeout`."""
+    are killed if either outlives `timeout`. local_ranks (0, 0): two nodes of one process each."""
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(local)}) for r, local in enumerate(local_ranks)]
     try:
         return procs, [p.communicate(timeout=timeout) for p in procs]
     finally:
@@ -349,11 +351,41 @@ def test_gpu_processes_match_one(tmp_path):
            str(plan_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert proc.stdout.count("SUMMARY") == len(gpu_plan(tmp_path, data, world)) - 1, proc.stderr[-5000:]
-    for name in ("single_graphs", "ddp", "fsdp", "ddp_compiled", "fsdp_compiled", "single_to_fsdp"):
+    for name in ("single_graphs", "ddp", "fsdp", "ddp_compiled", "fsdp_compiled", "ddp_graphs", "single_to_fsdp"):
         assert_same_losses(tmp_path / name, tmp_path / "single", GPU_TOL)
     assert all(s["backwards"] == 1 for s in reductions(tmp_path / "ddp"))
     assert all(s["reduce_scatters"] == 3 for s in reductions(tmp_path / "fsdp"))
     assert proc.returncode != 0 and "[rank 1] error: in step 3: RuntimeError: injected failure" in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@requires_cuda
+def test_gpu_captured_step_under_ddp_on_one_gpu(tmp_path):
+    """Two processes sharing one GPU (gloo; the layout of two one-GPU nodes) in DDP's CUDA default
+    (compiled blocks, the step as two graphs around one all-reduce, two micro-batches, evaluation
+    and sampling between replays): one process' losses with the whole batch; stopped and
+    resumed in that mode, the uninterrupted run's; and one process' checkpoint resumes there."""
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(synthetic_text(40_000))
+    script, d, c = load_script(), ["--data", str(data)], common("cuda")
+    script.main([*d, *c, "--batch-size", "4", "--eager", "--out", str(tmp_path / "single")])
+    script.main([*d, *c, "--batch-size", "4", "--stop-at", str(STOP), "--out", str(tmp_path / "single_to_ddp")])
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}
+    ranks = [sys.executable, str(SCRIPT), "--dist-backend", "gloo"]
+    for argv in ([*d, *c, "--batch-size", "2", "--out", str(tmp_path / "ddp_graphs")],
+                 [*d, *c, "--batch-size", "2", "--stop-at", str(STOP), "--out", str(tmp_path / "stopped")],
+                 ["--out", str(tmp_path / "stopped"), "--resume", "--no-progress", "--log-every", "1"],
+                 ["--out", str(tmp_path / "single_to_ddp"), "--resume", "--no-progress", "--log-every", "1"]):
+        procs, results = two_ranks([*ranks, *argv], {**env, "MASTER_PORT": str(free_port())}, timeout=600,
+                                   local_ranks=(0, 0))
+        assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in results]
+        assert results[0][0].count("SUMMARY") == 1 and "SUMMARY" not in results[1][0]
+    summary = json.loads((tmp_path / "ddp_graphs" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "ddp"
+    assert summary["cuda_graphs"] is True and summary["compile"] == "inductor"
+    for name in ("ddp_graphs", "stopped", "single_to_ddp"):
+        assert_same_losses(tmp_path / name, tmp_path / "single", GPU_TOL)
 
 
 @pytest.mark.gpu

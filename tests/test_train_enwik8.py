@@ -280,6 +280,7 @@ def test_parallel_and_compile_flags_are_refused_where_they_cannot_work(tmp_path,
     refused(script, [*common, "--no-compile", "--compile"], capsys, match="contradict")
     refused(script, [*common, "--compile", "nonsense"], capsys, match="not a torch.compile backend")
     refused(script, [*common, "--dist-timeout", "0"], capsys, match="--dist-timeout")
+    refused(script, [*common, "--device", "cpu", "--dist-backend", "nccl"], capsys, match="needs CUDA devices")
     assert not (tmp_path / "r").exists()
 
 
