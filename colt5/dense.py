@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from colt5 import validation
 from colt5.decoding import DecodePosition, LayersCache, reuse, without_grad_when_decoding
+from colt5.rotary import RotaryEmbedding, apply_rotary
 
 __all__ = ["DenseAttention", "DenseFeedForward", "DenseTransformerBlock", "DenseTransformer", "DenseCache"]
 
@@ -37,14 +38,19 @@ class DenseCache(LayersCache):
 
 
 class DenseAttention(nn.Module):
-    """Pre-norm multi-head self-attention; returns the residual update (not x + update)."""
+    """Pre-norm multi-head self-attention; returns the residual update (not x + update).
+    rotary_emb: queries and keys rotated by their positions (Su et al. 2021)."""
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False) -> None:
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, causal: bool = False,
+                 rotary_emb: bool = False) -> None:
         super().__init__()
         validation.positive_int("dim", dim)
         self.heads = validation.positive_int("heads", heads)
         validation.positive_int("dim_head", dim_head)
+        if rotary_emb and dim_head % 2:
+            raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
         self.causal = bool(causal)
+        self.rotary = RotaryEmbedding(dim_head) if rotary_emb else None
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
@@ -54,6 +60,11 @@ class DenseAttention(nn.Module):
         """cache (causal only, no mask): at length 0 the usual forward over a prompt that also
         keeps its keys/values; after that x [b, 1, d] attends to the cached positions and itself."""
         q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h e) -> t b h n e", t=3, h=self.heads)
+        if self.rotary is not None:
+            stepping = cache is not None and cache.position.length > 0
+            positions = cache.position.tensor.view(1) if stepping else torch.arange(x.shape[1], device=x.device)
+            freqs = self.rotary(positions)
+            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         if cache is not None:
             return self.to_out(rearrange(self._cached(q, k, v, cache, mask), "b h n e -> b n (h e)"))
         if mask is None:
@@ -103,10 +114,11 @@ class DenseFeedForward(nn.Module):
 class DenseTransformerBlock(nn.Module):
     """x + attn(norm x), then + ff(norm x). [b, n, d] -> [b, n, d]; mask [b, n] bool, True = real."""
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, causal: bool = False) -> None:
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, causal: bool = False,
+                 rotary_emb: bool = False) -> None:
         super().__init__()
         self.dim = validation.positive_int("dim", dim)
-        self.attn = DenseAttention(dim, heads=heads, dim_head=dim_head, causal=causal)
+        self.attn = DenseAttention(dim, heads=heads, dim_head=dim_head, causal=causal, rotary_emb=rotary_emb)
         self.ff = DenseFeedForward(dim, ff_mult=ff_mult)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -119,14 +131,16 @@ class DenseTransformer(nn.Module):
     """A stack of `depth` DenseTransformerBlocks. [b, n, d] -> [b, n, d] (no final norm)."""
 
     def __init__(
-        self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, causal: bool = False
+        self, dim: int, *, depth: int, heads: int = 8, dim_head: int = 64, ff_mult: float = 4, causal: bool = False,
+        rotary_emb: bool = False,
     ) -> None:
         super().__init__()
         self.dim = validation.positive_int("dim", dim)
         validation.positive_int("depth", depth)
         self.causal = bool(causal)
         self.layers = nn.ModuleList(
-            DenseTransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, causal=causal) for _ in range(depth)
+            DenseTransformerBlock(dim, heads=heads, dim_head=dim_head, ff_mult=ff_mult, causal=causal, rotary_emb=rotary_emb)
+            for _ in range(depth)
         )
 
     def new_cache(self, capacity: int) -> DenseCache:

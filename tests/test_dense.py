@@ -19,6 +19,13 @@ def reference_block(block: DenseTransformerBlock, x: torch.Tensor, mask: torch.T
     q, k, v = (xn @ attn.to_qkv.weight.T).chunk(3, dim=-1)
     split = lambda t: t.reshape(b, n, h, -1).transpose(1, 2)  # noqa: E731
     q, k, v = split(q), split(k), split(v)
+    if attn.rotary is not None:  # feature i turns with feature i + e/2 by position * 10000^(-2i/e)
+        e = q.shape[-1]
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, e, 2, dtype=torch.float64) / e)
+        cos, sin = angle.cos(), angle.sin()
+        turn = lambda t: torch.cat((t[..., : e // 2] * cos - t[..., e // 2 :] * sin,  # noqa: E731
+                                    t[..., e // 2 :] * cos + t[..., : e // 2] * sin), dim=-1)
+        q, k = turn(q), turn(k)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     allowed = torch.ones(b, 1, n, n, dtype=torch.bool)
     if mask is not None:
@@ -36,12 +43,14 @@ def reference_block(block: DenseTransformerBlock, x: torch.Tensor, mask: torch.T
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "masked"])
 @pytest.mark.parametrize("n", [1, 7, 33])
-def test_block_matches_reference(causal, masked, n):
+@pytest.mark.parametrize("rotary_emb", [False, True], ids=["learned", "rotary"])
+def test_block_matches_reference(causal, masked, n, rotary_emb):
     torch.manual_seed(n)
-    block = DenseTransformerBlock(24, heads=3, dim_head=8, ff_mult=2, causal=causal).double()
+    block = DenseTransformerBlock(24, heads=3, dim_head=8, ff_mult=2, causal=causal, rotary_emb=rotary_emb).double()
     x = torch.randn(2, n, 24, dtype=torch.float64)
     mask = torch.rand(2, n) > 0.4 if masked else None
-    assert_close(block(x, mask), reference_block(block, x, mask), TOLERANCES[torch.float64][0], "block output")
+    tol = 1e-6 if rotary_emb else TOLERANCES[torch.float64][0]  # apply_rotary turns in float32
+    assert_close(block(x, mask), reference_block(block, x, mask), tol, "block output")
 
 
 def test_stack_matches_blocks_and_gradients_flow():
@@ -95,3 +104,5 @@ def test_bad_inputs():
         DenseTransformerBlock(8, heads=0)
     with pytest.raises(ValueError, match="ff_mult"):
         DenseTransformerBlock(8, ff_mult=-1)
+    with pytest.raises(ValueError, match="rotary_emb needs an even dim_head"):
+        DenseTransformerBlock(8, heads=2, dim_head=5, rotary_emb=True)

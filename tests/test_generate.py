@@ -47,8 +47,8 @@ def routed_model(max_seq_len: int = 128, dim: int = 16, depth: int = 2, **kw) ->
     return CoLT5LanguageModel(dim=dim, depth=depth, max_seq_len=max_seq_len, **{**ROUTED, **kw})
 
 
-def dense_model(max_seq_len: int = 128) -> CoLT5LanguageModel:
-    return CoLT5LanguageModel(dim=16, depth=2, max_seq_len=max_seq_len, dense=True, heads=2, dim_head=8)
+def dense_model(max_seq_len: int = 128, **kw) -> CoLT5LanguageModel:
+    return CoLT5LanguageModel(dim=16, depth=2, max_seq_len=max_seq_len, dense=True, heads=2, dim_head=8, **kw)
 
 
 def stepped_logits(model, tokens: torch.Tensor, prompt: int, watch=None) -> torch.Tensor:
@@ -94,8 +94,9 @@ def test_cached_steps_equal_the_full_forward(variant):
         assert seen["overfull"]
 
 
-def test_dense_cached_steps_equal_the_full_forward():
-    model = dense_model().double().eval()
+@pytest.mark.parametrize("rotary_emb", [False, True])
+def test_dense_cached_steps_equal_the_full_forward(rotary_emb):
+    model = dense_model(rotary_emb=rotary_emb).double().eval()
     tokens = torch.randint(0, 256, (3, 40))
     with torch.no_grad():
         full = model(tokens)
