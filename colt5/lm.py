@@ -8,7 +8,9 @@ Shapes: b batch, n sequence (<= max_seq_len), d model dim, V vocabulary (256 byt
 The backbone is chosen in one place, `build_backbone`: the strictly causal routed stack
 (`colt5.autoregressive.ConditionalRoutedAutoregressiveTransformer`, which ends in its own final
 LayerNorm) by default, or `colt5.dense.DenseTransformer(causal=True)` followed by a LayerNorm with
-`dense=True`, for a like-for-like baseline. Positions are a learned absolute embedding for both.
+`dense=True`, for a like-for-like baseline. Positions are a learned absolute embedding for both;
+`rotary_emb=True` (a backbone kwarg, which both backbones take) adds rotary embeddings in every
+attention, which the training example turns on (it trains far faster: benchmarks/RESULTS.md).
 
 Generation decodes incrementally by default (colt5/decoding.py): a prefill over the prompt fills
 a cache (`new_cache`), then each new token costs one cached step whose logits equal the full
@@ -40,7 +42,7 @@ __all__ = ["CoLT5LanguageModel", "build_backbone"]
 def build_backbone(dim: int, *, depth: int, dense: bool, **kwargs) -> nn.Module:
     """The one place a backbone is chosen: a causal [b, n, d] -> [b, n, d] module ending in a norm.
 
-    kwargs go to the chosen constructor unchanged (dense: heads, dim_head, ff_mult; routed: the
+    kwargs go to the chosen constructor unchanged (dense: heads, dim_head, ff_mult, rotary_emb; routed: the
     block kwargs of ConditionalRoutedAutoregressiveTransformer).
     """
     if dense:
@@ -62,7 +64,7 @@ class CoLT5LanguageModel(nn.Module):
         **backbone_kwargs: passed to the backbone (see `build_backbone`). Routed: the block kwargs
             of ConditionalRoutedAutoregressiveTransformer (light_heads, light_window_size,
             heavy_window_size, num_heavy_attn_tokens_q / _kv, num_heavy_ff_tokens, ...; token
-            counts are per routing window). Dense: heads, dim_head, ff_mult.
+            counts are per routing window). Dense: heads, dim_head, ff_mult, rotary_emb.
 
     Example:
         model = CoLT5LanguageModel(dim=256, depth=4, max_seq_len=1024, light_window_size=64)

@@ -80,23 +80,24 @@ from torch.nn.parallel import DistributedDataParallel
 from colt5.data import Corpus, RandomWindowSampler, load_corpus
 from colt5.lm import CoLT5LanguageModel
 
-# Per-device defaults for every flag left unset. CPU (2 cores, idle machine, the earlier 12 MB
-# stdlib-only default corpus): the CoLT5 model goes from 8.00 to 3.11 val bpc in 600 steps, 81 s
-# wall, 35k tokens/s (dense: 2.87).
+# Per-device defaults for every flag left unset. CPU (2 cores, idle machine, the 122 MB default
+# corpus): the CoLT5 model goes from 8.0 to 2.99 val bpc in 600 steps, 124 s wall, 22k tokens/s
+# (dense: 2.67). CUDA: chosen by measurement (benchmarks/lm_defaults.py, benchmarks/RESULTS.md).
 DEFAULTS = {
     "cpu": dict(
-        steps=600, seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, dim=128, depth=2,
+        steps=600, seq_len=256, batch_size=16, grad_accum=1, lr=2e-3, dim=128, depth=2, positions="rotary",
         eval_every=100, eval_batches=8, generate_every=300, generate_length=200, precision="fp32",
     ),
     "cuda": dict(
-        steps=5000, seq_len=4096, batch_size=8, grad_accum=1, lr=6e-4, dim=512, depth=6,
+        steps=5000, seq_len=4096, batch_size=8, grad_accum=1, lr=1e-3, dim=512, depth=6, positions="rotary",
         eval_every=500, eval_batches=16, generate_every=1000, generate_length=512, precision="bf16",
     ),
 }
 # Flags that define the model, data or the optimisation trajectory: a resumed run must not change them.
-FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "depth", "dense", "seed", "warmup", "steps",
-                   "model_args")
-MODEL_FLAGS = {"dim": "--dim", "depth": "--depth", "dense": "--dense", "max_seq_len": "--seq-len", "num_tokens": "bytes: 256"}
+FIXED_ON_RESUME = ("data", "seq_len", "batch_size", "grad_accum", "lr", "dim", "depth", "dense", "positions", "seed", "warmup",
+                   "steps", "model_args")
+MODEL_FLAGS = {"dim": "--dim", "depth": "--depth", "dense": "--dense", "max_seq_len": "--seq-len", "num_tokens": "bytes: 256",
+               "rotary_emb": "--positions"}
 EVAL_SEED = 12345  # the same validation windows at every evaluation, on every run
 LOG2 = math.log(2.0)
 CHECKPOINT, METRICS, SUMMARY, PLOT = "checkpoint.pt", "metrics.jsonl", "summary.json", "loss_curve.png"
@@ -170,13 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_positive_int, help="context length in bytes (cpu 256, cuda 4096)")
     p.add_argument("--batch-size", type=_positive_int, help="sequences per micro-batch per process (cpu 16, cuda 8)")
     p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (1)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (cpu 2e-3, cuda 6e-4)")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate (cpu 2e-3, cuda 1e-3)")
     p.add_argument("--warmup", type=_non_negative_int, help="linear warmup steps (default: min(200, steps // 20))")
     p.add_argument("--dim", type=_positive_int, help="model width (cpu 128, cuda 512)")
     p.add_argument("--model-arg", type=_model_arg, action="append", dest="model_args", metavar="KEY=VALUE",
                    help="override one constructor keyword of the model (colt5.lm.CoLT5LanguageModel and its backbone), "
                         "e.g. num_heavy_ff_tokens=16; repeatable; fixed on resume")
     p.add_argument("--depth", type=_positive_int, help="number of blocks (cpu 2, cuda 6)")
+    p.add_argument("--positions", choices=("rotary", "learned"),
+                   help="rotary (default): a learned position table and rotary embeddings in every attention; learned: "
+                        "the table only; fixed on resume")
     p.add_argument("--eval-every", type=_positive_int, help="evaluate (and checkpoint) every N steps (cpu 100, cuda 500)")
     p.add_argument("--eval-batches", type=_positive_int, help="validation batches per evaluation (cpu 8, cuda 16)")
     p.add_argument("--generate-every", type=_non_negative_int, help="print a sample every N steps, 0 = never (cpu 300, cuda 1000)")
@@ -288,7 +292,8 @@ def resumed_batch_size(given: int | None, saved: int, saved_world: int, world: i
 
 def model_config(args: argparse.Namespace) -> dict:
     """The language model's constructor kwargs for a run: the one place sizes are derived."""
-    config = dict(dim=args.dim, depth=args.depth, max_seq_len=args.seq_len, dense=args.dense)
+    config = dict(dim=args.dim, depth=args.depth, max_seq_len=args.seq_len, dense=args.dense,
+                  rotary_emb=args.positions == "rotary")
     heads = max(2, args.dim // 64)  # heads of 64 dims, as the dense baseline has
     if args.dense:
         config.update(heads=heads, dim_head=64, ff_mult=4)
@@ -414,6 +419,7 @@ def load_checkpoint(path: Path) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if isinstance(args, dict):
         args.setdefault("model_args", {})  # joined the checkpoint's args later: older runs had none
+        args.setdefault("positions", "learned")  # and trained without rotary embeddings
         missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
     if isinstance(state, dict) and not isinstance(state.get("world_size", 1), int):
         missing.append("a valid world_size")
@@ -724,7 +730,8 @@ def set_up(argv: list[str] | None) -> Run | dict:
     n_params = sum(p.numel() for p in model.parameters())
     parallel = "fsdp" if args.fsdp else "ddp" if world > 1 else "none"
     overrides = "".join(f", {key}={value!r}" for key, value in args.model_args.items())
-    log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}{overrides}, {n_params / 1e6:.2f}M "
+    log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}, {args.positions} positions"
+        f"{overrides}, {n_params / 1e6:.2f}M "
         f"parameters; device {device}, precision {args.precision}, world size {world}"
         f"{f' ({parallel})' if world > 1 else ''}{f', compiled ({args.compile})' if args.compile else ''}"
         f"{', the step captured in a CUDA graph' if args.cuda_graphs else ''}")
@@ -1293,7 +1300,8 @@ def summarize(run: Run, wall_start: float) -> dict:
     kind = "dense" if args.dense else "colt5"
     n_params = sum(p.numel() for p in run.model.parameters())
     summary = {
-        "model": kind, "params": n_params, "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "model": kind, "positions": args.positions, "params": n_params,
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         "world_size": run.world, "parallel": run.parallel, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
         "precision": args.precision, "seq_len": args.seq_len, "step": run.step,
         "tokens_per_step": run.world * args.batch_size * args.grad_accum * args.seq_len,

@@ -67,25 +67,28 @@ def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_bytes(synthetic_text(20_000))
     defaults = load(ROOT / "benchmarks" / "lm_defaults.py")
-    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "lr 1e-3", "2x routed tokens",
+    learned = "learned positions, lr 6e-4, 2x routed tokens"
+    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "lr 6e-4", learned,
                    "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN])
     rows = {line.split("|")[1].strip(): line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
-    assert {"default", "lr 1e-3", "2x routed tokens"} <= set(rows)
-    runs = {name: tmp_path / "d" / defaults.run_dir_name(name) for name in ("default", "lr 1e-3", "2x routed tokens")}
+    assert {"default", "lr 6e-4", learned} <= set(rows)
+    runs = {name: tmp_path / "d" / defaults.run_dir_name(name) for name in ("default", "lr 6e-4", learned)}
     start = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for name, run in runs.items()}
     start = {name: next(r["val_bpc"] for r in rows if r["step"] == 0 and "val_bpc" in r) for name, rows in start.items()}
-    assert start["default"] == start["lr 1e-3"]  # one seed: the same model and batches; only the schedule differs
+    assert start["default"] == start["lr 6e-4"]  # one seed: the same model and batches; only the schedule differs
     checkpoints = {name: torch.load(run / "checkpoint.pt", weights_only=True)["args"] for name, run in runs.items()}
-    assert checkpoints["lr 1e-3"]["lr"] == 1e-3 and checkpoints["default"]["lr"] != 1e-3
-    assert checkpoints["2x routed tokens"]["model_args"]["num_heavy_ff_tokens"] == 16
+    assert checkpoints["lr 6e-4"]["lr"] == 6e-4 and checkpoints["default"]["lr"] != 6e-4
+    routed = checkpoints[learned]
+    assert routed["model_args"]["num_heavy_ff_tokens"] == 16 and routed["positions"] == "learned"
+    assert checkpoints["default"]["positions"] == "rotary"
     finals = {name: defaults.final_validation(run) for name, run in runs.items()}
-    assert all(step == 6 for step, _ in finals.values()) and finals["lr 1e-3"][1] != finals["default"][1]
+    assert all(step == 6 for step, _ in finals.values()) and finals["lr 6e-4"][1] != finals["default"][1]
 
     # --reuse keeps the finished runs and trains only the missing variant
     before = {name: (run / "metrics.jsonl").stat().st_mtime_ns for name, run in runs.items()}
-    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "lr 1e-3", "lr 3e-4",
+    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "lr 6e-4", "lr 3e-4",
                    "--reuse", "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN])
     out = capsys.readouterr().out
-    assert "default: kept" in out and "lr 1e-3: kept" in out and "lr 3e-4: kept" not in out
+    assert "default: kept" in out and "lr 6e-4: kept" in out and "lr 3e-4: kept" not in out
     assert {name: (run / "metrics.jsonl").stat().st_mtime_ns for name, run in runs.items()} == before
     assert defaults.final_validation(tmp_path / "d" / defaults.run_dir_name("lr 3e-4"))[0] == 6

@@ -183,11 +183,29 @@ def test_checkpoint_of_the_earlier_format_resumes_exactly(tmp_path, text_file):
                               "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
         del state["world_size"]
         del state["args"]["model_args"]  # and no --model-arg
+        del state["args"]["positions"]  # and no rotary embeddings: they trained with the position table only
 
-    common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", *MINI]
+    common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", *MINI, "--positions", "learned"]
     val_a, val_b = resume_edited_checkpoint(load_script(), tmp_path, common, 3, earlier_format)
     assert sorted(read_metrics(tmp_path / "stopped")[0]) == list(range(1, 7)) and sorted(val_b) == [0, 3, 6]
     assert abs(val_a[6] - val_b[6]) <= 1e-6
+
+
+def test_flat_gradients_collect_every_gradient_in_one_buffer():
+    """The captured step under DDP reduces one buffer: backward must accumulate into it, and
+    zeroing it must zero every .grad."""
+    script = load_script()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    flat = script.flat_gradients(model)
+    assert flat.numel() == sum(p.numel() for p in model.parameters()) and not flat.any()
+    x = torch.randn(5, 3)
+    for _ in range(2):  # two micro-batches accumulate
+        model(x).square().sum().backward()
+    expected = torch.cat([torch.autograd.grad(model(x).square().sum(), p)[0].flatten() * 2 for p in model.parameters()])
+    assert torch.allclose(flat, expected) and flat.any()
+    flat.zero_()
+    assert all(not p.grad.any() for p in model.parameters())
 
 
 def test_tokens_per_s_leaves_out_the_warm_up():
@@ -231,6 +249,10 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     model = script.build_model(script.fill_defaults(args, torch.device("cpu"), None))
     assert args.model_args == {"num_heavy_ff_tokens": 3, "light_ff_mult": 1.0}
     assert model.backbone.layers[0].ff.num_heavy_tokens == 3, "the override did not reach the layer"
+    assert model.backbone.layers[0].attn.heavy.rotary is not None, "rotary positions are the default"
+    learned = script.build_model(script.fill_defaults(script.parse_args([*common, "--positions", "learned"]),
+                                                      torch.device("cpu"), None))
+    assert learned.backbone.layers[0].attn.heavy.rotary is None
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["args"]["model_args"] == args.model_args
     refused(script, ["--out", str(out), "--resume", "--model-arg", "num_heavy_ff_tokens=4"], capsys, match="--model-arg")
@@ -240,6 +262,8 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     refused(script, [*common, "--model-arg", "heads"], capsys, match="KEY=VALUE")
     refused(script, [*common, "--model-arg", "dim=64"], capsys, match="its own flag (--dim)")
+    refused(script, [*common, "--model-arg", "rotary_emb=False"], capsys, match="its own flag (--positions)")
+    refused(script, ["--out", str(out), "--resume", "--positions", "learned"], capsys, match="--positions learned differs")
     refused(script, [*common, "--model-arg", "light_ff_mult=half"], capsys, match="not a Python literal")
     refused(script, [*common, "--model-arg", "no_such_option=1", "--out", str(tmp_path / "bad")], capsys,
             match="refuses it")
