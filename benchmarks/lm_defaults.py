@@ -15,6 +15,7 @@ Arguments after `--` go to every run.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import subprocess
 import sys
@@ -39,7 +40,7 @@ VARIANTS = {
     "lr 6e-4, 4 light + 4 heavy heads": ["--lr", "6e-4", *HEADS_4_4],
     "learned positions, lr 3e-4": [*LEARNED, "--lr", "3e-4"],
     "learned positions, lr 6e-4": [*LEARNED, "--lr", "6e-4"],
-    "learned positions, lr 1e-3": LEARNED,
+    "learned positions, lr 1e-3": [*LEARNED, "--lr", "1e-3"],
     "learned positions, lr 2e-3": [*LEARNED, "--lr", "2e-3"],
     "learned positions, lr 6e-4, 4 light + 4 heavy heads": [*LEARNED, "--lr", "6e-4", *HEADS_4_4],
     "learned positions, lr 6e-4, 2x routed tokens": [
@@ -49,6 +50,9 @@ VARIANTS = {
     "dense, lr 6e-4": ["--dense", "--lr", "6e-4"],
     "dense, learned positions, lr 6e-4": ["--dense", *LEARNED, "--lr", "6e-4"],
 }
+
+
+COMMAND = "lm_defaults_command.json"
 
 
 def run_dir_name(variant: str) -> str:
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None, help="passed to the training example (default: its own)")
     p.add_argument("--out", default="runs/defaults")
     p.add_argument("--reuse", action="store_true",
-                   help="keep a variant's run in OUT that already reached --steps instead of training it again")
+                   help="keep a variant's run in OUT that this same command already trained to the end")
     args = p.parse_args(own)
 
     out = Path(args.out)
@@ -78,14 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     failed = {}
     for name in args.variants:
         run_dir = out / run_dir_name(name)
-        if args.reuse and (final_validation(run_dir) or (0,))[0] == args.steps:
-            print(f"{name}: kept the finished run in {run_dir}")
-            continue
         cmd = example_command(run_dir, seq=args.seq, steps=args.steps, eval_every=max(1, args.steps // 5),
                               flags=[*VARIANTS[name], *extra], device=args.device)
+        made_by = run_dir / COMMAND  # the run's command: kept only for the same one, finished
+        if args.reuse and made_by.exists() and json.loads(made_by.read_text()) == cmd[1:] \
+                and (final_validation(run_dir) or (0,))[0] == args.steps:
+            print(f"{name}: kept the finished run in {run_dir}")
+            continue
+        made_by.unlink(missing_ok=True)
         with open(out / f"{run_dir.name}.log", "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
                 failed[name] = log.name
+            elif run_dir.is_dir():
+                made_by.write_text(json.dumps(cmd[1:]))
 
     print(f"examples/train_enwik8.py --seq-len {args.seq} --steps {args.steps}{' ' + ' '.join(extra) if extra else ''}, "
           f"the same seed and batches for every variant")

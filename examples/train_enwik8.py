@@ -81,7 +81,7 @@ from colt5.data import Corpus, RandomWindowSampler, load_corpus
 from colt5.lm import CoLT5LanguageModel
 
 # Per-device defaults for every flag left unset. CPU (2 cores, idle machine, the 122 MB default
-# corpus): the CoLT5 model goes from 8.0 to 2.99 val bpc in 600 steps, 124 s wall, 22k tokens/s
+# corpus, rotary positions): the CoLT5 model goes from 8.0 to 2.99 val bpc in 600 steps, 124 s wall, 22k tokens/s
 # (dense: 2.67). CUDA: chosen by measurement (benchmarks/lm_defaults.py, benchmarks/RESULTS.md).
 DEFAULTS = {
     "cpu": dict(
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="compile each block on its own (torch.compile backend, default inductor; aot_eager to rule inductor "
                         "out); the default on CUDA without --fsdp")
-    p.add_argument("--no-compile", action="store_true", help="leave the blocks uncompiled (the step is still captured on CUDA)")
+    p.add_argument("--no-compile", action="store_true", help="leave the blocks uncompiled (on CUDA without --fsdp the step is still captured)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the training step in CUDA graphs and replay it (the default on CUDA without --fsdp; "
                         "--no-cuda-graphs: compiled blocks, eager steps)")
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true",
                    help="shard parameters, gradients and optimizer state over the processes (FSDP2) instead of DDP; needs torchrun")
     p.add_argument("--dist-backend", choices=("nccl", "gloo"), default=None,
-                   help="the collectives' backend (nccl on CUDA, gloo on CPU); gloo on CUDA lets processes share a GPU")
+                   help="the collectives' backend (nccl on CUDA, gloo on CPU); gloo on CUDA also lets processes share a "
+                        "GPU (each process is on cuda:LOCAL_RANK: nodes of one process each on one machine)")
     p.add_argument("--dist-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                    help="how long a collective waits for the other ranks before the job stops (600)")
     p.add_argument("--profile", type=_positive_int, default=None, metavar="STEPS",
@@ -376,6 +377,10 @@ def init_distributed(device: torch.device, world: int, timeout_s: float, backend
     return True
 
 
+def parallel_mode(args: argparse.Namespace, world: int) -> str:
+    return "fsdp" if args.fsdp else "ddp" if world > 1 else "none"
+
+
 def all_reduce_mean(t: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t)
@@ -419,7 +424,8 @@ def load_checkpoint(path: Path) -> dict:
     missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
     if isinstance(args, dict):
         args.setdefault("model_args", {})  # joined the checkpoint's args later: older runs had none
-        args.setdefault("positions", "learned")  # and trained without rotary embeddings
+        if "positions" not in args:  # older runs: the position table, rotary only through --model-arg
+            args["positions"] = "rotary" if args["model_args"].pop("rotary_emb", False) else "learned"
         missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
     if isinstance(state, dict) and not isinstance(state.get("world_size", 1), int):
         missing.append("a valid world_size")
@@ -520,7 +526,7 @@ class Run:
 
     @property
     def parallel(self) -> str:
-        return "fsdp" if self.args.fsdp else "ddp" if self.world > 1 else "none"
+        return parallel_mode(self.args, self.world)
 
     def log(self, *a, **k) -> None:
         if self.is_main:
@@ -728,13 +734,13 @@ def set_up(argv: list[str] | None) -> Run | dict:
     owns_group = init_distributed(device, world, args.dist_timeout, args.dist_backend)
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
-    parallel = "fsdp" if args.fsdp else "ddp" if world > 1 else "none"
+    parallel = parallel_mode(args, world)
     overrides = "".join(f", {key}={value!r}" for key, value in args.model_args.items())
     log(f"model: {'dense' if args.dense else 'colt5'}, dim {args.dim}, depth {args.depth}, {args.positions} positions"
         f"{overrides}, {n_params / 1e6:.2f}M "
         f"parameters; device {device}, precision {args.precision}, world size {world}"
         f"{f' ({parallel})' if world > 1 else ''}{f', compiled ({args.compile})' if args.compile else ''}"
-        f"{', the step captured in a CUDA graph' if args.cuda_graphs else ''}")
+        f"{', the step captured in CUDA graphs' if args.cuda_graphs else ''}")
     log(f"batch: {world} x {args.batch_size} x {args.grad_accum} sequences of {args.seq_len} bytes per step, {args.steps} steps")
     net, ddp = distribute(model, args, world=world, device=device)
     optimizer, scheduler = build_optimizer(model, args, device)
@@ -902,6 +908,7 @@ class CapturedStep:
         a = run.args
         self.batches = torch.zeros((a.grad_accum, a.batch_size, a.seq_len + 1), dtype=torch.long, device=run.device)
         self.grads = flat_gradients(run.model) if run.world > 1 else None
+        self.reached: set[nn.Parameter] = set()
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.eager_steps = 0
         self.lrs: list[torch.Tensor] = []
@@ -917,7 +924,10 @@ class CapturedStep:
             side = torch.cuda.Stream(run.device)
             side.wait_stream(torch.cuda.current_stream(run.device))
             with torch.cuda.stream(side):
-                loss = self._forward_backward(run)
+                if self.grads is not None and self.eager_steps == 0:
+                    loss = self._forward_backward_dropping_unreached(run)
+                else:
+                    loss = self._forward_backward(run)
                 self._sum_gradients()
                 bad = self._update(run)
                 if self.grads is None:
@@ -942,6 +952,23 @@ class CapturedStep:
         if self.grads is not None:
             self.grads.zero_()
         return forward_backward(run, self.batches)
+
+    def _forward_backward_dropping_unreached(self, run: Run) -> torch.Tensor:
+        """The first step's forward and backward; a parameter the backward does not reach (a
+        context within one routing window leaves the routers without one) then keeps no
+        gradient, as in one process, so AdamW skips it instead of decaying it; its slot of the
+        buffer stays zero. The step's graph is the same every step and on every rank."""
+        params = [p for p in run.model.parameters() if p.grad is not None]
+        hooks = [p.register_post_accumulate_grad_hook(self.reached.add) for p in params]
+        try:
+            loss = self._forward_backward(run)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for p in params:
+            if p not in self.reached:
+                p.grad = None
+        return loss
 
     def _sum_gradients(self) -> None:
         if self.grads is not None:
@@ -1091,7 +1118,8 @@ def train(run: Run, guard: InterruptGuard) -> None:
 def start_profiler(run: Run) -> torch.profiler.profile | None:
     """--profile N, rank 0 only: N training steps after PROFILE_SKIP + 1, host and (CUDA) device
     activity. The table of ops by self time goes to stdout; DIR/profile_rank0.json shows the
-    timeline: host gaps, DDP's all-reduces (nccl kernels on their own stream) against backward."""
+    timeline: host gaps, the gradients' all-reduces (nccl kernels on their own stream: DDP's per bucket
+    during the backward, the captured step's one between its two graphs)."""
     if not (run.args.profile and run.is_main):
         return None
     cuda = run.device.type == "cuda"

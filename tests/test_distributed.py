@@ -366,6 +366,8 @@ def test_gpu_captured_step_under_ddp_on_one_gpu(tmp_path):
     (compiled blocks, the step as two graphs around one all-reduce, two micro-batches, evaluation
     and sampling between replays): one process' losses with the whole batch; stopped and
     resumed in that mode, the uninterrupted run's; and one process' checkpoint resumes there."""
+    import torch
+
     data = tmp_path / "corpus.txt"
     data.write_bytes(synthetic_text(40_000))
     script, d, c = load_script(), ["--data", str(data)], common("cuda")
@@ -386,6 +388,12 @@ def test_gpu_captured_step_under_ddp_on_one_gpu(tmp_path):
     assert summary["cuda_graphs"] is True and summary["compile"] == "inductor"
     for name in ("ddp_graphs", "stopped", "single_to_ddp"):
         assert_same_losses(tmp_path / name, tmp_path / "single", GPU_TOL)
+    # AdamW hides the gradients' scale from the losses; its second moments show a sum over the
+    # ranks that was not divided by the world size (4x here)
+    moments = {name: sum(float(s["exp_avg_sq"].sum()) for s in torch.load(tmp_path / name / "checkpoint.pt",
+                                                                          weights_only=True)["optimizer"]["state"].values())
+               for name in ("ddp_graphs", "single")}
+    assert 0.8 < moments["ddp_graphs"] / moments["single"] < 1.25, moments
 
 
 @pytest.mark.gpu

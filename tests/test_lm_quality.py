@@ -92,3 +92,8 @@ def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
     assert "default: kept" in out and "lr 6e-4: kept" in out and "lr 3e-4: kept" not in out
     assert {name: (run / "metrics.jsonl").stat().st_mtime_ns for name, run in runs.items()} == before
     assert defaults.final_validation(tmp_path / "d" / defaults.run_dir_name("lr 3e-4"))[0] == 6
+    # ... but not a run that another command made (other steps, flags after --)
+    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "--reuse",
+                   "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN, "--lr", "5e-4"])
+    assert "kept" not in capsys.readouterr().out
+    assert torch.load(runs["default"] / "checkpoint.pt", weights_only=True)["args"]["lr"] == 5e-4

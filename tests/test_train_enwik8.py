@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -191,6 +192,20 @@ def test_checkpoint_of_the_earlier_format_resumes_exactly(tmp_path, text_file):
     assert abs(val_a[6] - val_b[6]) <= 1e-6
 
 
+def test_checkpoint_with_rotary_through_model_arg_resumes_as_rotary(tmp_path, text_file):
+    """Before --positions, rotary embeddings came only through --model-arg rotary_emb=True: such a
+    checkpoint resumes with rotary positions (the same model) and says so."""
+
+    def earlier_format(state):
+        del state["args"]["positions"]
+        state["args"]["model_args"] = {"rotary_emb": True}
+
+    common = ["--data", str(text_file), "--steps", "6", "--eval-every", "3", *MINI]
+    resume_edited_checkpoint(load_script(), tmp_path, common, 3, earlier_format)
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["positions"] == "rotary"
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["args"]["model_args"] == {}
+
+
 def test_flat_gradients_collect_every_gradient_in_one_buffer():
     """The captured step under DDP reduces one buffer: backward must accumulate into it, and
     zeroing it must zero every .grad."""
@@ -206,6 +221,34 @@ def test_flat_gradients_collect_every_gradient_in_one_buffer():
     assert torch.allclose(flat, expected) and flat.any()
     flat.zero_()
     assert all(not p.grad.any() for p in model.parameters())
+
+
+def test_captured_step_under_ddp_drops_the_gradients_the_backward_does_not_reach():
+    """Several processes: a parameter the backward never reaches keeps no gradient (so AdamW
+    skips it, as in one process), the others stay views into the one reduced buffer."""
+    script = load_script()
+
+    class Bytes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.unused = torch.nn.Embedding(256, 8), torch.nn.Parameter(torch.ones(3))
+            self.out = torch.nn.Linear(8, 256)
+
+        def forward(self, tokens):
+            return self.out(self.emb(tokens))
+
+    model = Bytes()
+    run = SimpleNamespace(args=SimpleNamespace(grad_accum=2, batch_size=2, seq_len=5, fsdp=False), device=torch.device("cpu"),
+                          world=2, model=model, net=model, ddp=None, autocast=nullcontext)
+    step = script.CapturedStep(run)
+    step.batches.random_(0, 256)
+    step._forward_backward_dropping_unreached(run)
+    assert model.unused.grad is None
+    flat = step.grads
+    for p in (model.emb.weight, model.out.weight, model.out.bias):
+        assert p.grad.any() and p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    step._forward_backward(run)  # the next steps zero and fill the same buffer
+    assert model.unused.grad is None and model.out.bias.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
 
 
 def test_tokens_per_s_leaves_out_the_warm_up():
