@@ -37,7 +37,7 @@ from colt5.decoding import DecodePosition, reuse, without_grad_when_decoding
 from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
 from colt5.kernels.flash_attention_reference import local_attention_reference
 from colt5.precision import Linear
-from colt5.rotary import RotaryEmbedding, apply_rotary
+from colt5.rotary import RotaryEmbedding, apply_rotary, apply_rotary_packed
 
 __all__ = ["LocalMHA", "LocalAttentionCache", "local_attention", "local_attention_reference", "local_attention_flex"]
 
@@ -403,9 +403,11 @@ class LocalMHA(nn.Module):
         if cache is not None:
             self._fill_cache(cache, qkv)
         backend = self.backend or _default_backend(qkv, self.dim_head)
-        if backend == "triton" and self.rotary is None:
-            # The projection's output goes to the kernels as it is, and its gradient comes back
-            # as one tensor in the same layout: no permute, stack or cat copies either way.
+        if backend == "triton":
+            # The projection's output goes to the kernels as it is (rotated in one pass with
+            # rotary_emb), and its gradient comes back as one tensor in the same layout.
+            if self.rotary is not None:
+                qkv = apply_rotary_packed(qkv, self.rotary(torch.arange(n, device=x.device)))
             out = local_attention_packed(
                 qkv,
                 window_size=self.window_size,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding", "apply_rotary"]
+__all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_packed"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -88,3 +88,15 @@ def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
     out = xf * freqs.cos() + _rotate_half(xf) * freqs.sin()
     out = out.to(x.dtype)
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+def apply_rotary_packed(qkv: Tensor, freqs: Tensor) -> Tensor:
+    """One projection's queries, keys and values qkv [b, n, 3, h, d] with q and k rotated by freqs
+    [n, r/2]: a new tensor in the same packed layout, v as it was. The packed kernels take it as
+    they take the projection's output; under torch.compile the rotation and the copy are one pass."""
+    q, k, v = qkv.unbind(2)  # [b, n, h, d] views
+
+    def turn(t: Tensor) -> Tensor:
+        return apply_rotary(t.transpose(1, 2), freqs).transpose(1, 2)
+
+    return torch.stack((turn(q), turn(k), v), dim=2)

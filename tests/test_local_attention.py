@@ -10,7 +10,7 @@ from conftest import HAS_CUDA, TOLERANCES, assert_close, local_allowed, requires
 
 import colt5.kernels.flash_attention as attention_kernels
 from colt5.local_attention import LocalMHA, _default_backend, _window_kv_blocks, _window_mask_mod, local_attention
-from colt5.rotary import RotaryEmbedding, apply_rotary
+from colt5.rotary import RotaryEmbedding, apply_rotary, apply_rotary_packed
 
 # Eager flex_attention on CPU warns that it is unfused; that is the point of the CPU test.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -225,11 +225,11 @@ def test_triton_matches_reference_cpu(n, w, look, exact, masked):
         local_attention(q, k, v[..., :8], window_size=w, backend="triton")
 
 
-@pytest.mark.parametrize("rotary", [False, True], ids=["packed", "rotary-stacked"])
+@pytest.mark.parametrize("rotary", [False, True], ids=["packed", "rotary-packed"])
 def test_local_mha_triton_matches_reference(rotary):
-    """Without rotary LocalMHA hands its projection straight to local_attention_packed; with
-    rotary it goes through local_attention's stack. Both match the reference backend, output
-    and every parameter gradient."""
+    """LocalMHA hands its projection (with rotary_emb, q and k rotated in the same layout) to
+    local_attention_packed; both match the reference backend, output and every parameter
+    gradient."""
     torch.manual_seed(2)
     mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, causal=not rotary, rotary_emb=rotary, backend="triton")
     x = torch.randn(1, 29, 32)
@@ -249,7 +249,8 @@ def test_local_mha_triton_matches_reference(rotary):
 
 
 def test_local_mha_triton_packed_path_launches_once(monkeypatch):
-    """The fast path: one kernel launch, on the projection's own [b, n, 3, h, d] output."""
+    """The fast path: one kernel launch, on the projection's own [b, n, 3, h, d] layout (with
+    rotary_emb too)."""
     seen = []
     real = attention_kernels.attention_fwd
 
@@ -258,14 +259,16 @@ def test_local_mha_triton_packed_path_launches_once(monkeypatch):
         return real(q, kv, *args)
 
     monkeypatch.setattr(attention_kernels, "attention_fwd", spy)
-    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, backend="triton")
-    mha(torch.randn(2, 20, 32))
-    assert seen == [((2, 20, 3, 2, 16), True, None)]
+    for rotary_emb in (False, True):
+        mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, backend="triton", rotary_emb=rotary_emb)
+        mha(torch.randn(2, 20, 32))
+    assert seen == [((2, 20, 3, 2, 16), True, None)] * 2
 
 
-def test_triton_path_traces_without_graph_breaks():
+@pytest.mark.parametrize("rotary_emb", [False, True])
+def test_triton_path_traces_without_graph_breaks(rotary_emb):
     torch.manual_seed(0)
-    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, causal=True, backend="triton")
+    mha = LocalMHA(32, window_size=8, heads=2, dim_head=16, causal=True, backend="triton", rotary_emb=rotary_emb)
     compiled = torch.compile(mha, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 19, 32)
     mask = torch.rand(2, 19) > 0.2
@@ -348,6 +351,20 @@ def test_rotary_gathered_positions_equal_full_application():
     # [b, n, d] tensors (no heads) take [b, n, d/2] freqs directly
     y = torch.randn(b, kk, d)
     assert_close(apply_rotary(y, rot(idx))[0], apply_rotary(y[0], rot(idx[0])), 1e-6, "no heads dim")
+
+
+def test_rotary_packed_turns_q_and_k_in_place_of_the_layout():
+    """apply_rotary_packed on [b, n, 3, h, d]: q and k as apply_rotary turns them per head, v
+    untouched, the layout kept (contiguous, for the packed kernels)."""
+    b, n, h, d = 2, 11, 3, 8
+    qkv = torch.randn(b, n, 3, h, d)
+    freqs = RotaryEmbedding(d)(torch.arange(n))
+    out = apply_rotary_packed(qkv, freqs)
+    assert out.shape == qkv.shape and out.is_contiguous()
+    for t in (0, 1):
+        expected = apply_rotary(qkv[:, :, t].transpose(1, 2), freqs).transpose(1, 2)
+        assert torch.equal(out[:, :, t], expected)
+    assert torch.equal(out[:, :, 2], qkv[:, :, 2]) and not torch.equal(out[:, :, 0], qkv[:, :, 0])
 
 
 def test_rotary_partial_and_dtype_and_errors():
