@@ -1,6 +1,6 @@
 """The training example's defaults, chosen by measurement: variants of the CoLT5 model at equal steps.
 
-    python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~12 minutes)
+    python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~15 minutes)
     python benchmarks/lm_defaults.py --steps 3000 --variants default "lr 6e-4" dense
     python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 -- --dim 32 --depth 1   # a smoke run
     python benchmarks/lm_defaults.py --reuse          # a sweep split over calls: keep the runs that finished
@@ -33,19 +33,21 @@ def model_args(**kwargs) -> list[str]:
 # feedforward tokens. Dense: 8 heads, ff mult 4, the same positions and rate.
 LEARNED = ["--positions", "learned"]
 HEADS_4_4 = model_args(light_heads=4, heavy_heads=4)
+ROUTED_2X = model_args(num_heavy_attn_tokens_q=16, num_heavy_attn_tokens_kv=32, num_heavy_ff_tokens=16)
 VARIANTS = {
     "default": [],
     "lr 3e-4": ["--lr", "3e-4"],
     "lr 6e-4": ["--lr", "6e-4"],
     "lr 6e-4, 4 light + 4 heavy heads": ["--lr", "6e-4", *HEADS_4_4],
+    "4 light + 4 heavy heads": HEADS_4_4,
+    "2x routed tokens": ROUTED_2X,
+    "light window 256": model_args(light_window_size=256),
     "learned positions, lr 3e-4": [*LEARNED, "--lr", "3e-4"],
     "learned positions, lr 6e-4": [*LEARNED, "--lr", "6e-4"],
     "learned positions, lr 1e-3": [*LEARNED, "--lr", "1e-3"],
     "learned positions, lr 2e-3": [*LEARNED, "--lr", "2e-3"],
     "learned positions, lr 6e-4, 4 light + 4 heavy heads": [*LEARNED, "--lr", "6e-4", *HEADS_4_4],
-    "learned positions, lr 6e-4, 2x routed tokens": [
-        *LEARNED, "--lr", "6e-4",
-        *model_args(num_heavy_attn_tokens_q=16, num_heavy_attn_tokens_kv=32, num_heavy_ff_tokens=16)],
+    "learned positions, lr 6e-4, 2x routed tokens": [*LEARNED, "--lr", "6e-4", *ROUTED_2X],
     "dense": ["--dense"],
     "dense, lr 6e-4": ["--dense", "--lr", "6e-4"],
     "dense, learned positions, lr 6e-4": ["--dense", *LEARNED, "--lr", "6e-4"],
