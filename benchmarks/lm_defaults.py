@@ -86,16 +86,15 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = out / run_dir_name(name)
         cmd = example_command(run_dir, seq=args.seq, steps=args.steps, eval_every=max(1, args.steps // 5),
                               flags=[*VARIANTS[name], *extra], device=args.device)
-        made_by = run_dir / COMMAND  # the run's command: kept only for the same one, finished
-        if args.reuse and made_by.exists() and json.loads(made_by.read_text()) == cmd[1:] \
-                and (final_validation(run_dir) or (0,))[0] == args.steps:
+        made_by = run_dir / COMMAND  # the command of a run that finished: --reuse keeps it for the same one
+        if args.reuse and made_by.exists() and json.loads(made_by.read_text()) == cmd[1:]:
             print(f"{name}: kept the finished run in {run_dir}")
             continue
         made_by.unlink(missing_ok=True)
         with open(out / f"{run_dir.name}.log", "w") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
                 failed[name] = log.name
-            elif run_dir.is_dir():
+            else:
                 made_by.write_text(json.dumps(cmd[1:]))
 
     print(f"examples/train_enwik8.py --seq-len {args.seq} --steps {args.steps}{' ' + ' '.join(extra) if extra else ''}, "

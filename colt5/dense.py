@@ -47,8 +47,6 @@ class DenseAttention(nn.Module):
         validation.positive_int("dim", dim)
         self.heads = validation.positive_int("heads", heads)
         validation.positive_int("dim_head", dim_head)
-        if rotary_emb and dim_head % 2:
-            raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
         self.causal = bool(causal)
         self.rotary = RotaryEmbedding(dim_head) if rotary_emb else None
         self.norm = nn.LayerNorm(dim)

@@ -895,11 +895,11 @@ class CapturedStep:
 
     One process: one graph runs every forward and backward, the clipping and the optimizer; the
     gradients live in the graph's memory pool and each replay writes them afresh. Several
-    processes: the gradients are views into one flat buffer, and the step is two graphs around
-    one collective: the first zeroes the buffer and runs the forward and backward passes, the host
-    then sums the buffer over the ranks (queued behind the graph on the current stream, with NCCL
-    no wait for the host), and the second divides it by the world size, clips and steps. The
-    collective stays out of the graphs, so every backend works, gloo included.
+    processes: the first backward's gradients move into one flat buffer, and the step is two
+    graphs around one collective: the first zeroes the buffer and runs the forward and backward
+    passes, the host then sums the buffer over the ranks (queued behind the graph on the current
+    stream, with NCCL no wait for the host), and the second divides it by the world size, clips
+    and steps. The collective stays out of the graphs, so every backend works, gloo included.
     """
 
     WARMUP = 2
@@ -907,8 +907,7 @@ class CapturedStep:
     def __init__(self, run: Run) -> None:
         a = run.args
         self.batches = torch.zeros((a.grad_accum, a.batch_size, a.seq_len + 1), dtype=torch.long, device=run.device)
-        self.grads = flat_gradients(run.model) if run.world > 1 else None
-        self.reached: set[nn.Parameter] = set()
+        self.grads: torch.Tensor | None = None  # several processes: every .grad a view into it (flat_gradients)
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.eager_steps = 0
         self.lrs: list[torch.Tensor] = []
@@ -924,10 +923,9 @@ class CapturedStep:
             side = torch.cuda.Stream(run.device)
             side.wait_stream(torch.cuda.current_stream(run.device))
             with torch.cuda.stream(side):
-                if self.grads is not None and self.eager_steps == 0:
-                    loss = self._forward_backward_dropping_unreached(run)
-                else:
-                    loss = self._forward_backward(run)
+                loss = self._forward_backward(run)
+                if run.world > 1 and self.grads is None:
+                    self.grads = flat_gradients(run.model)
                 self._sum_gradients()
                 bad = self._update(run)
                 if self.grads is None:
@@ -952,23 +950,6 @@ class CapturedStep:
         if self.grads is not None:
             self.grads.zero_()
         return forward_backward(run, self.batches)
-
-    def _forward_backward_dropping_unreached(self, run: Run) -> torch.Tensor:
-        """The first step's forward and backward; a parameter the backward does not reach (a
-        context within one routing window leaves the routers without one) then keeps no
-        gradient, as in one process, so AdamW skips it instead of decaying it; its slot of the
-        buffer stays zero. The step's graph is the same every step and on every rank."""
-        params = [p for p in run.model.parameters() if p.grad is not None]
-        hooks = [p.register_post_accumulate_grad_hook(self.reached.add) for p in params]
-        try:
-            loss = self._forward_backward(run)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        for p in params:
-            if p not in self.reached:
-                p.grad = None
-        return loss
 
     def _sum_gradients(self) -> None:
         if self.grads is not None:
@@ -997,10 +978,13 @@ class CapturedStep:
 
 
 def flat_gradients(model: nn.Module) -> torch.Tensor:
-    """One zeroed buffer holding every parameter's gradient (each .grad a view into it), so that
-    one collective reduces them all."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    """The gradients a backward made, moved into one buffer (each .grad a view into it, later
+    backwards accumulate there), so that one collective reduces them all. A parameter the
+    backward did not reach (a context within one routing window leaves the routers without one)
+    keeps no gradient, as in one process: AdamW skips it instead of decaying it. The step is the
+    same every time and on every rank, so the same parameters are reached."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
     offset = 0
     for p in params:
         p.grad = flat[offset : offset + p.numel()].view_as(p)

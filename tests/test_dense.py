@@ -104,5 +104,5 @@ def test_bad_inputs():
         DenseTransformerBlock(8, heads=0)
     with pytest.raises(ValueError, match="ff_mult"):
         DenseTransformerBlock(8, ff_mult=-1)
-    with pytest.raises(ValueError, match="rotary_emb needs an even dim_head"):
+    with pytest.raises(ValueError, match="dim_head must be an even int"):
         DenseTransformerBlock(8, heads=2, dim_head=5, rotary_emb=True)

@@ -207,25 +207,31 @@ def test_checkpoint_with_rotary_through_model_arg_resumes_as_rotary(tmp_path, te
 
 
 def test_flat_gradients_collect_every_gradient_in_one_buffer():
-    """The captured step under DDP reduces one buffer: backward must accumulate into it, and
-    zeroing it must zero every .grad."""
+    """The captured step under DDP reduces one buffer: the first backward's gradients move into it
+    unchanged, later backwards accumulate into it, and zeroing it zeroes every .grad. A parameter
+    the backward never reaches keeps no gradient (so AdamW skips it, as in one process)."""
     script = load_script()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    flat = script.flat_gradients(model)
-    assert flat.numel() == sum(p.numel() for p in model.parameters()) and not flat.any()
+    model.unused = torch.nn.Parameter(torch.ones(3))
     x = torch.randn(5, 3)
-    for _ in range(2):  # two micro-batches accumulate
-        model(x).square().sum().backward()
-    expected = torch.cat([torch.autograd.grad(model(x).square().sum(), p)[0].flatten() * 2 for p in model.parameters()])
-    assert torch.allclose(flat, expected) and flat.any()
+    model(x).square().sum().backward()
+    before = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    flat = script.flat_gradients(model)
+    assert model.unused.grad is None and torch.equal(flat, before) and flat.any()
+    reached = [p for p in model.parameters() if p is not model.unused]
+    assert flat.numel() == sum(p.numel() for p in reached)
+    assert all(p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in reached)
+    model(x).square().sum().backward()  # a second micro-batch accumulates in the buffer
+    assert torch.allclose(flat, 2 * before) and model.unused.grad is None
     flat.zero_()
-    assert all(not p.grad.any() for p in model.parameters())
+    assert all(not p.grad.any() for p in reached)
 
 
-def test_captured_step_under_ddp_drops_the_gradients_the_backward_does_not_reach():
-    """Several processes: a parameter the backward never reaches keeps no gradient (so AdamW
-    skips it, as in one process), the others stay views into the one reduced buffer."""
+def test_captured_step_under_ddp_starts_each_step_from_zero_gradients():
+    """Several processes: each step's backward zeroes the one reduced buffer before it
+    accumulates (a step's gradients, not a running sum), and the parameter the backward never
+    reaches stays without a gradient."""
     script = load_script()
 
     class Bytes(torch.nn.Module):
@@ -242,13 +248,12 @@ def test_captured_step_under_ddp_drops_the_gradients_the_backward_does_not_reach
                           world=2, model=model, net=model, ddp=None, autocast=nullcontext)
     step = script.CapturedStep(run)
     step.batches.random_(0, 256)
-    step._forward_backward_dropping_unreached(run)
-    assert model.unused.grad is None
-    flat = step.grads
-    for p in (model.emb.weight, model.out.weight, model.out.bias):
-        assert p.grad.any() and p.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
-    step._forward_backward(run)  # the next steps zero and fill the same buffer
-    assert model.unused.grad is None and model.out.bias.grad.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    step._forward_backward(run)
+    step.grads = script.flat_gradients(model)
+    first = step.grads.clone()
+    step._forward_backward(run)
+    assert torch.allclose(step.grads, first) and step.grads.any() and model.unused.grad is None
+    assert model.out.bias.grad.untyped_storage().data_ptr() == step.grads.untyped_storage().data_ptr()
 
 
 def test_tokens_per_s_leaves_out_the_warm_up():
