@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import triton
@@ -68,14 +69,25 @@ __all__ = ["attention", "local_attention_packed", "block_ranges", "check_int", "
 
 LOG2E = 1.4426950408889634
 
-# Block sizes: the shapes of Triton's flash-attention tutorial on Hopper, not timed here (no GPU
-# on the dev machine): tune on the GPU. Forward 128 x 64 tiles, 3 stages; fp32 inputs (ieee dots,
-# twice the bytes per tile) 64 x 64 and 2 stages to fit shared memory. Backward 64 x 64 in both
-# kernels (kernel 2 keeps k, v, dk, dv of its block resident). 8 warps at dh = 128.
-FWD_BLOCK_M, FWD_BLOCK_N, FWD_STAGES = 128, 64, 3
-FWD_BLOCK_M_FP32, FWD_STAGES_FP32 = 64, 2
-BWD_BLOCK_M, BWD_BLOCK_N, BWD_STAGES = 64, 64, 2
-NUM_WARPS, NUM_WARPS_DH128 = 4, 8
+
+class Tiles(NamedTuple):
+    """One kernel's launch shape: BLOCK_M queries x BLOCK_N keys per tile."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.warps, num_stages=self.stages)
+
+
+# Launch shapes (forward, dq, dk/dv) for 16-bit inputs; fp32 (ieee dots, twice the bytes per
+# tile) halves the forward's query block and its stages to fit shared memory, and dh = 128
+# doubles the warps.
+FWD_TILES = Tiles(128, 64, 4, 3)
+DQ_TILES = Tiles(64, 64, 4, 2)
+DKDV_TILES = Tiles(64, 64, 4, 2)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -473,15 +485,14 @@ def _layout(q: Tensor, kv: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     return q, kv.select(3, 0), kv.select(3, 1)
 
 
-def _configs(dtype: torch.dtype, dh: int) -> tuple[tuple, tuple, int]:
-    """(fwd (BLOCK_M, BLOCK_N, stages), bwd (BLOCK_M, BLOCK_N, stages), num_warps) of every launch
-    (tests replace this function to force small tiles)."""
+def _configs(dtype: torch.dtype, dh: int) -> tuple[Tiles, Tiles, Tiles]:
+    """The (forward, dq, dk/dv) launch shapes (tests replace this function to force small tiles)."""
+    tiles = [FWD_TILES, DQ_TILES, DKDV_TILES]
     if dtype == torch.float32:
-        fwd = (FWD_BLOCK_M_FP32, FWD_BLOCK_N, FWD_STAGES_FP32)
-    else:
-        fwd = (FWD_BLOCK_M, FWD_BLOCK_N, FWD_STAGES)
-    bwd = (BWD_BLOCK_M, BWD_BLOCK_N, BWD_STAGES)
-    return fwd, bwd, (NUM_WARPS_DH128 if dh >= 128 else NUM_WARPS)
+        tiles[0] = tiles[0]._replace(block_m=min(tiles[0].block_m, 64), stages=min(tiles[0].stages, 2))
+    if dh >= 128:
+        tiles = [t._replace(warps=max(t.warps, 8)) for t in tiles]
+    return tiles[0], tiles[1], tiles[2]
 
 
 class _Plan:
@@ -524,7 +535,7 @@ class _Plan:
             DOT=_dot_dtype(q.dtype),
         )
         self.has_null = null_kv is not None
-        self.fwd, self.bwd, self.warps = _configs(q.dtype, self.D)
+        self.fwd, self.dq, self.dkdv = _configs(q.dtype, self.D)
 
     def sizes(self) -> tuple:
         return (self.n_q, self.n_kv, self.H, self.G, self.R)
@@ -545,12 +556,11 @@ def attention_fwd(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, scale, q_win
               look_backward, look_forward, causal, exact)
     o = _empty((p.b, p.n_q, p.H, p.D), q)
     lse = _empty((p.b, p.H, p.n_q), q, torch.float32)
-    bm, bn, stages = p.fwd
-    _attn_fwd_kernel[(triton.cdiv(p.n_q, bm), p.b * p.H)](
+    _attn_fwd_kernel[(triton.cdiv(p.n_q, p.fwd.block_m), p.b * p.H)](
         p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, lse,
         *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3],
         *p.sizes(), p.qk_scale, *p.ints,
-        HAS_NULL=p.has_null, **p.flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=p.warps, num_stages=stages,
+        HAS_NULL=p.has_null, **p.flags, **p.fwd.meta(),
     )
     return o, lse
 
@@ -579,22 +589,20 @@ def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, 
         dq_full = dq = _empty((p.b, p.n_q, p.H, p.D), q)
         dkv = _empty(p.kv.shape, kv)
         _, dk, dv = _layout(dq, dkv)
-    bm, bn, stages = p.bwd
-    n_mblocks = triton.cdiv(p.n_q, bm)
+    n_mblocks = triton.cdiv(p.n_q, p.dq.block_m)
     delta = _empty((p.b, p.H, p.n_q), q, torch.float32)
     dnull_part = _empty((p.b * n_mblocks, 2, p.H, p.D), q, torch.float32) if p.has_null else q
     dscale_part = _empty((p.b, p.H, p.n_kv), q, torch.float32) if kv_scale is not None else q
     common = (*p.sizes(), p.sm_scale, p.qk_scale, *p.ints)
-    meta = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=p.warps, num_stages=stages)
     _attn_bwd_dq_kernel[(n_mblocks, p.b * p.H)](
         p.qv, p.k, p.v, p.null, p.scale_t, p.mask, p.q_pos, p.kv_pos, o, do, lse, delta, dq, dnull_part,
         *p.qv.stride()[:3], *p.k.stride()[:4], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        *common, HAS_NULL=p.has_null, **p.flags, **meta,
+        *common, HAS_NULL=p.has_null, **p.flags, **p.dq.meta(),
     )
-    _attn_bwd_dkdv_kernel[(triton.cdiv(p.n_kv, bn), p.b * p.H)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(p.n_kv, p.dkdv.block_n), p.b * p.H)](
         p.qv, p.k, p.v, p.scale_t, p.mask, p.q_pos, p.kv_pos, do, lse, delta, dk, dv, dscale_part,
         *p.qv.stride()[:3], *p.k.stride()[:4], *do.stride()[:3], *dk.stride()[:4],
-        *common, **p.flags, **meta,
+        *common, **p.flags, **p.dkdv.meta(),
     )
     dnull = dnull_part.sum(0).to(null_kv.dtype) if p.has_null else none()
     dscale = dscale_part.view(p.b, p.R, p.G, p.n_kv).sum(2).to(kv_scale.dtype) if kv_scale is not None else none()

@@ -138,8 +138,7 @@ def force_blocks(monkeypatch):
 
     def force(bm: int, bn: int) -> None:
         def configs(dtype, dh):
-            fwd, bwd, warps = chosen(dtype, dh)
-            return (bm, bn, fwd[2]), (bm, bn, bwd[2]), warps
+            return tuple(t._replace(block_m=bm, block_n=bn) for t in chosen(dtype, dh))
 
         monkeypatch.setattr(A, "_configs", configs)
 
