@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from colt5.decoding import DecodePosition, reuse
 from colt5.kernels.flash_attention import attention
 from colt5.precision import Linear
-from colt5.rotary import RotaryEmbedding, apply_rotary
+from colt5.rotary import RotaryEmbedding
 from colt5.routers import RouterReturn, scatter_back, scatter_back_one
 
 __all__ = ["RoutedAttention", "RoutedKVCache", "decode_attention"]
@@ -185,7 +185,7 @@ class RoutedAttention(nn.Module):
         if self.multiply_queries_by_score and scores is not None:
             qh = qh * scores.view(b, i, 1, 1).to(qh.dtype)
         if self.rotary is not None:
-            qh = apply_rotary(qh.transpose(1, 2), self.rotary(positions)).transpose(1, 2)  # via [b, h, i, dh]
+            qh = self.rotary.rotate(qh, positions)
         return qh
 
     def _keys_values(self, tokens: Tensor, scores: Tensor | None, positions: Tensor | None) -> Tensor:
@@ -198,9 +198,8 @@ class RoutedAttention(nn.Module):
             scale_k = torch.stack((scores, torch.ones_like(scores)), dim=-1)  # k only
             kvh = kvh * scale_k.view(b, r, j, 2, 1, 1).to(kvh.dtype)
         if self.rotary is not None:
-            k, v = kvh.unbind(3)  # [b, r, j, g, dh]
-            k = apply_rotary(k.transpose(2, 3), self.rotary(positions).unsqueeze(2)).transpose(2, 3)
-            kvh = torch.stack((k, v), dim=3)
+            g = self.heads // r  # the g key heads of each slot turned, its g value heads copied
+            kvh = self.rotary.rotate(kvh.view(b, r, j, 2 * g, self.dim_head), positions, rotated=g).view(kvh.shape)
         return kvh
 
     # ---- cached decoding -------------------------------------------------------------------

@@ -37,7 +37,7 @@ from colt5.decoding import DecodePosition, reuse, without_grad_when_decoding
 from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
 from colt5.kernels.flash_attention_reference import local_attention_reference
 from colt5.precision import Linear
-from colt5.rotary import RotaryEmbedding, apply_rotary, apply_rotary_packed
+from colt5.rotary import RotaryEmbedding
 
 __all__ = ["LocalMHA", "LocalAttentionCache", "local_attention", "local_attention_reference", "local_attention_flex"]
 
@@ -399,15 +399,16 @@ class LocalMHA(nn.Module):
             if cache.position.length:
                 return self._decode(x, cache)
         b, n, _ = x.shape
-        qkv = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head)
+        h, dh = self.heads, self.dim_head
+        qkv = self.to_qkv(x).view(b, n, 3, h, dh)
+        if self.rotary is not None:  # q and k heads turned at 0 .. n-1 in one pass, v copied
+            qkv = self.rotary.rotate(qkv.view(b, n, 3 * h, dh), rotated=2 * h).view(b, n, 3, h, dh)
         if cache is not None:
             self._fill_cache(cache, qkv)
         backend = self.backend or _default_backend(qkv, self.dim_head)
         if backend == "triton":
-            # The projection's output goes to the kernels as it is (rotated in one pass with
-            # rotary_emb), and its gradient comes back as one tensor in the same layout.
-            if self.rotary is not None:
-                qkv = apply_rotary_packed(qkv, self.rotary(torch.arange(n, device=x.device)))
+            # The projection's output goes to the kernels as it is, and its gradient comes back
+            # as one tensor in the same layout.
             out = local_attention_packed(
                 qkv,
                 window_size=self.window_size,
@@ -420,9 +421,6 @@ class LocalMHA(nn.Module):
             )
             return self.to_out(out.view(b, n, self.heads * self.dim_head))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
-        if self.rotary is not None:
-            freqs = self.rotary(torch.arange(n, device=x.device))
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
         out = local_attention(
             q,
             k,
@@ -442,15 +440,13 @@ class LocalMHA(nn.Module):
         return (self.look_backward + 1) * self.window_size
 
     def _fill_cache(self, cache: LocalAttentionCache, qkv: Tensor) -> None:
-        """Keep the prefill's last R keys/values (qkv [b, n, 3, h, dh]): every later query's
-        window starts at or after n - R + 1."""
+        """Keep the prefill's last R keys/values (qkv [b, n, 3, h, dh], keys rotated): every
+        later query's window starts at or after n - R + 1."""
         b, n = qkv.shape[:2]
         R = self._ring()
         lo = max(0, n - R)
         k, v = qkv[:, lo:, 1].transpose(1, 2), qkv[:, lo:, 2].transpose(1, 2)  # [b, h, m, dh]
         positions = torch.arange(lo, n, device=qkv.device)
-        if self.rotary is not None:
-            k = apply_rotary(k, self.rotary(positions))
         shape = (b, self.heads, R, self.dim_head)
         cache.k = reuse(cache.k, shape, k.dtype, k.device, 0.0)
         cache.v = reuse(cache.v, shape, v.dtype, v.device, 0.0)
@@ -466,10 +462,10 @@ class LocalMHA(nn.Module):
         b = x.shape[0]
         h, dh, w, R = self.heads, self.dim_head, self.window_size, self._ring()
         pos = cache.position.tensor
-        q, k, v = self.to_qkv(x).view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [b, h, 1, dh]
+        qkv = self.to_qkv(x).view(b, 1, 3 * h, dh)
         if self.rotary is not None:
-            freqs = self.rotary(pos.view(1))
-            q, k = apply_rotary(q, freqs), apply_rotary(k, freqs)
+            qkv = self.rotary.rotate(qkv, pos.view(1), rotated=2 * h)
+        q, k, v = qkv.view(b, 1, 3, h, dh).permute(2, 0, 3, 1, 4)  # each [b, h, 1, dh]
         slot = (pos % R).view(1)
         cache.k.index_copy_(2, slot, k.to(cache.k.dtype))
         cache.v.index_copy_(2, slot, v.to(cache.v.dtype))

@@ -9,6 +9,7 @@ the embedding takes a positions tensor rather than a length:
     rotary = RotaryEmbedding(64)
     freqs = rotary(idx)              # idx [b, k] long -> freqs [b, k, 32], float32
     q = apply_rotary(q, freqs)       # q [b, h, k, 64]; the heads dim is broadcast
+    q = rotary.rotate(q_, idx)       # or in one kernel pass: q_ [b, k, h, 64], heads after positions
 
 Rotation pairs feature i with feature i + r/2 ("rotate half", GPT-NeoX layout). Features past r
 pass through unchanged.
@@ -19,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding", "apply_rotary", "apply_rotary_packed"]
+from colt5.kernels.rotary import rotate, rotate_half_reference
+
+__all__ = ["RotaryEmbedding", "apply_rotary"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -53,13 +56,14 @@ class RotaryEmbedding(nn.Module):
         # float32 angles: positions up to 2^24 are exact, enough for 128k contexts.
         return positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.to(positions.device)
 
+    def rotate(self, x: Tensor, positions: Tensor | None = None, *, rotated: int | None = None) -> Tensor:
+        """x [..., n, s, d] with the first `rotated` (default all) of each row's s heads turned at
+        positions [..., n] (default 0 .. n-1), the rest copied: a projection's packed q, k, v heads
+        [b, n, 3 * h, d] with rotated = 2 * h, say. One pass on CUDA (`colt5.kernels.rotary`)."""
+        return rotate(x, self.inv_freq, positions, rotated=rotated)
+
     def extra_repr(self) -> str:
         return f"dim_head={self.dim_head}, theta={self.theta:g}"
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
@@ -68,35 +72,17 @@ def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
     x: [..., n, d] (e.g. [b, h, n, d] or [b, n, d]); freqs: [n, r/2] (shared by the batch) or
     [b, n, r/2] (per-batch positions, e.g. gathered tokens). With x of rank 4 and freqs of rank 3
     the heads dim is inserted into freqs; otherwise freqs must broadcast against x[..., :r/2].
-    Computed in float32, returned in x's dtype. Raises ValueError on mismatched shapes.
+    Computed in float32 (float64 for float64 x), returned in x's dtype. Raises ValueError on
+    mismatched shapes. `RotaryEmbedding.rotate` does the same in one kernel pass on CUDA.
     """
     if not isinstance(x, Tensor) or not isinstance(freqs, Tensor):
         raise TypeError("x and freqs must be Tensors")
     if x.dim() < 2 or freqs.dim() < 2:
         raise ValueError(f"x must be [..., n, d] and freqs [..., n, r/2]; got ranks {x.dim()} and {freqs.dim()}")
-    half = freqs.shape[-1]
-    rot = 2 * half
-    if rot > x.shape[-1]:
-        raise ValueError(f"freqs rotate {rot} features but x has only d={x.shape[-1]}")
+    if 2 * freqs.shape[-1] > x.shape[-1]:
+        raise ValueError(f"freqs rotate {2 * freqs.shape[-1]} features but x has only d={x.shape[-1]}")
     if freqs.shape[-2] != x.shape[-2]:
         raise ValueError(f"freqs has n={freqs.shape[-2]} positions but x has n={x.shape[-2]}")
     if x.dim() == 4 and freqs.dim() == 3:
         freqs = freqs.unsqueeze(1)  # [b, n, r/2] -> [b, 1, n, r/2]: broadcast over heads
-    freqs = torch.cat((freqs, freqs), dim=-1).float()
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    xf = x_rot.float()
-    out = xf * freqs.cos() + _rotate_half(xf) * freqs.sin()
-    out = out.to(x.dtype)
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
-
-
-def apply_rotary_packed(qkv: Tensor, freqs: Tensor) -> Tensor:
-    """One projection's queries, keys and values qkv [b, n, 3, h, d] with q and k rotated by freqs
-    [n, r/2]: a new tensor in the same packed layout, v as it was. The packed kernels take it as
-    they take the projection's output; under torch.compile the rotation and the copy are one pass."""
-    q, k, v = qkv.unbind(2)  # [b, n, h, d] views
-
-    def turn(t: Tensor) -> Tensor:
-        return apply_rotary(t.transpose(1, 2), freqs).transpose(1, 2)
-
-    return torch.stack((turn(q), turn(k), v), dim=2)
+    return rotate_half_reference(x, freqs)

@@ -10,6 +10,7 @@ function, beside its PyTorch reference:
   flash_attention.py (+ _reference.py)     flash attention for the light and heavy branches
   norm.py                                  LayerNorm + routing scores
   scatter.py                               heavy rows back at their positions, with residual
+  rotary.py                                rotary embeddings: every head of a row turned in one pass
 """
 
 from .flash_attention import attention, local_attention_packed

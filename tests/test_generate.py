@@ -304,13 +304,14 @@ def test_cuda_cached_steps(backbone):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("backbone", ["routed", "dense", "dense-rotary"])
+@pytest.mark.parametrize("backbone", ["routed", "routed-rotary", "dense", "dense-rotary"])
 def test_cuda_graph_steps_equal_eager_steps(backbone):
     """Steps replayed from CUDA graphs (one per step key, across windows and a restart) give
     the eager steps' tokens exactly: the same kernels on the same buffers."""
     L = 64
-    dense = dense_model(max_seq_len=L, rotary_emb=backbone == "dense-rotary")
-    model = (routed_model(max_seq_len=L) if backbone == "routed" else dense).cuda()
+    rotary = backbone.endswith("-rotary")
+    model = (dense_model(max_seq_len=L, rotary_emb=rotary) if backbone.startswith("dense")
+             else routed_model(max_seq_len=L, rotary_emb=rotary)).cuda()
     prompt = torch.randint(0, 256, (2, 13), device="cuda")
     for kw in (dict(temperature=0), dict(top_k=8)):
         eager = model.generate(prompt, length=90, overflow="restart", cuda_graph=False,

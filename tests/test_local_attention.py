@@ -10,7 +10,7 @@ from conftest import HAS_CUDA, TOLERANCES, assert_close, local_allowed, requires
 
 import colt5.kernels.flash_attention as attention_kernels
 from colt5.local_attention import LocalMHA, _default_backend, _window_kv_blocks, _window_mask_mod, local_attention
-from colt5.rotary import RotaryEmbedding, apply_rotary, apply_rotary_packed
+from colt5.rotary import RotaryEmbedding, apply_rotary
 
 # Eager flex_attention on CPU warns that it is unfused; that is the point of the CPU test.
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -351,20 +351,6 @@ def test_rotary_gathered_positions_equal_full_application():
     # [b, n, d] tensors (no heads) take [b, n, d/2] freqs directly
     y = torch.randn(b, kk, d)
     assert_close(apply_rotary(y, rot(idx))[0], apply_rotary(y[0], rot(idx[0])), 1e-6, "no heads dim")
-
-
-def test_rotary_packed_turns_q_and_k_in_place_of_the_layout():
-    """apply_rotary_packed on [b, n, 3, h, d]: q and k as apply_rotary turns them per head, v
-    untouched, the layout kept (contiguous, for the packed kernels)."""
-    b, n, h, d = 2, 11, 3, 8
-    qkv = torch.randn(b, n, 3, h, d)
-    freqs = RotaryEmbedding(d)(torch.arange(n))
-    out = apply_rotary_packed(qkv, freqs)
-    assert out.shape == qkv.shape and out.is_contiguous()
-    for t in (0, 1):
-        expected = apply_rotary(qkv[:, :, t].transpose(1, 2), freqs).transpose(1, 2)
-        assert torch.equal(out[:, :, t], expected)
-    assert torch.equal(out[:, :, 2], qkv[:, :, 2]) and not torch.equal(out[:, :, 0], qkv[:, :, 0])
 
 
 def test_rotary_partial_and_dtype_and_errors():
