@@ -12,9 +12,9 @@ turned, the others (the values, say) and the features past r copied:
 
 ("rotate half", the GPT-NeoX pairing) in float32, stored in x's dtype. The rotation's gradient
 is the rotation by the opposite angles, so the backward is the same kernel. Under
-torch.compile the op stays whole: inductor would otherwise inline the cosines and sines into
-every element of every head (recomputing them per head, ~10x the pass's memory time at 16k
-tokens on an H200).
+torch.compile the op stays whole. Inductor, given the same rotation in PyTorch, inlines the
+cosines and sines into every element of every head: at 16k tokens on an H200 its pass over the
+light branch's packed q, k, v took 287 us, and the routed model's training step 23% longer.
 """
 
 from __future__ import annotations
