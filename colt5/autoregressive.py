@@ -28,7 +28,6 @@ and advances it.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from colt5 import validation

@@ -151,7 +151,7 @@ class RoutedAttention(nn.Module):
         b, n, _ = base.shape
         h, dh, r = self.heads, self.dim_head, self.num_routes
         q_tokens, kv_tokens = q.routed_tokens, kv.routed_tokens
-        i, j = q_tokens.shape[1], kv_tokens.shape[2]
+        i = q_tokens.shape[1]
         if kv_tokens.shape[1] != r:
             raise ValueError(f"kv must keep its route dim: tokens [b, {r}, j, c], got {tuple(kv_tokens.shape)}")
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from colt5.decoding import DecodePosition, reuse, without_grad_when_decoding
-from colt5.kernels.flash_attention import check_int, local_attention_packed, resolve_look, triton_supports
+from colt5.kernels.checks import check_int
+from colt5.kernels.flash_attention import local_attention_packed, resolve_look, triton_supports
 from colt5.kernels.flash_attention_reference import local_attention_reference
 from colt5.precision import Linear
 from colt5.rotary import RotaryEmbedding

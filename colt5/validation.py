@@ -15,6 +15,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from colt5.kernels.checks import check_int
+
 __all__ = [
     "bool_mask",
     "feature_map",
@@ -37,11 +39,7 @@ _AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def int_at_least(name: str, value: object, lo: int) -> int:
     """value is an int (not a bool) >= lo; returns it."""
-    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return int(value)
+    return check_int(name, value, lo)
 
 
 def positive_int(name: str, value: object) -> int:

@@ -1,11 +1,13 @@
-"""Argument checks shared by every coordinate-descent entry point.
+"""Argument checks at the kernels' public functions: the generic ones (ints, tensors, the
+backend switch) that every op shares, then coordinate descent's.
 
 They run once, at the public boundary, and raise `TypeError`/`ValueError` naming the argument,
-the value received and what was expected. Only a per-row `k` tensor has values to check (finite
-and > 0 in every row): eagerly that reads it back to the host (one sync on CUDA, skipped while a
-CUDA graph is being captured: a replay runs no Python anyway); under `torch.compile` the check
-is a custom op in the graph (`colt5::checked_k`, `checked_k`) that runs when the compiled code
-does, so it costs neither a graph break nor, for a numeric k, anything at all.
+the value received and what was expected. They read Python values and tensor metadata only,
+except for a per-row `k` tensor, the one argument with values to check (finite and > 0 in every
+row): eagerly that reads it back to the host (one sync on CUDA, skipped while a CUDA graph is
+being captured: a replay runs no Python anyway); under `torch.compile` the check is a custom op
+in the graph (`colt5::checked_k`, `checked_k`) that runs when the compiled code does, so it
+costs neither a graph break nor, for a numeric k, anything at all.
 """
 
 from __future__ import annotations
@@ -28,6 +30,40 @@ def _is_int(x) -> bool:
 
 def _is_real(x) -> bool:
     return type(x) in (float, int) or (not isinstance(x, bool) and isinstance(x, numbers.Real))
+
+
+BACKENDS = (None, "triton", "reference")
+
+
+def check_int(name: str, value: object, lo: int, hi: int | None = None, hi_name: str = "") -> int:
+    """value as an int >= lo (and <= hi, named hi_name in the message when given)."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi_name or hi}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def check_tensor(name: str, t: object, shape: tuple | None = None, what: str = "",
+                 device: torch.device | None = None, device_of: str = "q") -> None:
+    """t is a Tensor, of `shape` (described as `what`) and on `device` (that of `device_of`)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {device_of} is on {device}")
+
+
+def check_floating(name: str, t: Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+
+
+def check_backend(backend: object) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
 
 
 def check_scores(s: Tensor, name: str = "s") -> None:

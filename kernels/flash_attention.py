@@ -63,9 +63,10 @@ from torch import Tensor
 
 from .flash_attention_reference import attention_reference, local_attention_packed_reference
 from . import runtime
+from .checks import check_backend, check_floating, check_int, check_tensor
 from .runtime import INTERPRET, kernel_op, off_current_device, register_fake, require_triton
 
-__all__ = ["attention", "local_attention_packed", "block_ranges", "check_int", "resolve_look", "triton_supports"]
+__all__ = ["attention", "local_attention_packed", "block_ranges", "resolve_look", "triton_supports"]
 
 LOG2E = 1.4426950408889634
 
@@ -100,9 +101,6 @@ def _dot_dtype(dtype: torch.dtype):
     if INTERPRET and dtype == torch.bfloat16:
         return tl.float32
     return _TL_DTYPES[dtype]
-
-
-_BACKENDS = (None, "triton", "reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,19 +694,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # argument checks (public boundary)
 
 
-def _is_int(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, numbers.Integral)
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """value as an int >= minimum, else TypeError / ValueError naming it."""
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def resolve_look(causal: bool, look_backward: int, look_forward: int | None) -> tuple[int, int]:
     """Checked (look_backward, look_forward); look_forward defaults to 0 if causal else 1."""
     look_backward = check_int("look_backward", look_backward, 0)
@@ -728,25 +713,6 @@ def _check_scale(scale) -> float | None:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
-
-
-def _check_tensor(name: str, t, shape: tuple | None, what: str, device: torch.device | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got shape {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}")
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {t.dtype}")
-
-
-def _check_backend(backend) -> None:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
 
 
 def triton_supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -769,11 +735,11 @@ def _use_triton(backend: str | None, t: Tensor, head_dim: int, name: str) -> boo
 
 
 def _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots, kv_span):
-    _check_tensor("q", q, None, "")
+    check_tensor("q", q, None, "")
     if q.dim() != 4:
         raise ValueError(f"q must be [b, i, h, dh], got shape {tuple(q.shape)}")
-    _check_float("q", q)
-    _check_tensor("kv", kv, None, "")
+    check_floating("q", q)
+    check_tensor("kv", kv, None, "")
     b, i, h, dh = q.shape
     if kv.dim() != 6 or kv.shape[0] != b or kv.shape[3] != 2 or kv.shape[5] != dh:
         raise ValueError(f"kv must be [b={b}, r, j, 2, g, dh={dh}], got shape {tuple(kv.shape)}")
@@ -785,20 +751,20 @@ def _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_wi
     if kv.device != q.device:
         raise ValueError(f"kv is on {kv.device} but q is on {q.device}")
     if null_kv is not None:
-        _check_tensor("null_kv", null_kv, (2, h, dh), "[2, h, dh]", q.device)
-        _check_float("null_kv", null_kv)
+        check_tensor("null_kv", null_kv, (2, h, dh), "[2, h, dh]", q.device)
+        check_floating("null_kv", null_kv)
     if kv_scale is not None:
-        _check_tensor("kv_scale", kv_scale, (b, r, j), "[b, r, j]", q.device)
-        _check_float("kv_scale", kv_scale)
+        check_tensor("kv_scale", kv_scale, (b, r, j), "[b, r, j]", q.device)
+        check_floating("kv_scale", kv_scale)
     if kv_mask is not None:
-        _check_tensor("kv_mask", kv_mask, (b, r, j), "[b, r, j]", q.device)
+        check_tensor("kv_mask", kv_mask, (b, r, j), "[b, r, j]", q.device)
         if kv_mask.dtype != torch.bool:
             raise TypeError(f"kv_mask must be bool (True = may be attended), got {kv_mask.dtype}")
     if (q_pos is None) != (kv_pos is None):
         raise ValueError("q_pos and kv_pos must be given together (causal by position) or not at all")
     if q_pos is not None:
-        _check_tensor("q_pos", q_pos, (b, i), "[b, i]", q.device)
-        _check_tensor("kv_pos", kv_pos, (b, r, j), "[b, r, j]", q.device)
+        check_tensor("q_pos", q_pos, (b, i), "[b, i]", q.device)
+        check_tensor("kv_pos", kv_pos, (b, r, j), "[b, r, j]", q.device)
         for name, t in (("q_pos", q_pos), ("kv_pos", kv_pos)):
             if t.dtype not in (torch.int64, torch.int32):
                 raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")
@@ -882,7 +848,7 @@ def attention(
     """
     _check_attention_args(q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, q_window_slots, kv_window_slots, kv_span)
     scale = _check_scale(scale)
-    _check_backend(backend)
+    check_backend(backend)
     b, i, h, dh = q.shape
     kv_span = _effective_span(kv_span, i, kv.shape[2], q_window_slots, kv_window_slots)
     scale = dh**-0.5 if scale is None else scale
@@ -928,20 +894,20 @@ def local_attention_packed(
 
     Raises TypeError / ValueError naming the argument (and as `attention` for the backend).
     """
-    _check_tensor("qkv", qkv, None, "")
+    check_tensor("qkv", qkv, None, "")
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must be [b, n, 3, h, dh], got shape {tuple(qkv.shape)}")
-    _check_float("qkv", qkv)
+    check_floating("qkv", qkv)
     b, n, _, h, dh = qkv.shape
     window_size = check_int("window_size", window_size, 1)
     causal, exact_windowsize = bool(causal), bool(exact_windowsize)
     look_backward, look_forward = resolve_look(causal, look_backward, look_forward)
     if mask is not None:
-        _check_tensor("mask", mask, (b, n), "[b, n]", qkv.device)
+        check_tensor("mask", mask, (b, n), "[b, n]", qkv.device)
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be bool (True = real token), got {mask.dtype}")
     scale = _check_scale(scale)
-    _check_backend(backend)
+    check_backend(backend)
     scale = dh**-0.5 if scale is None else scale
     if b * n == 0:
         return qkv.select(2, 0) * 0  # empty, still attached to the graph

@@ -25,6 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import runtime
+from .checks import check_backend, check_int
 from .runtime import can_run_triton, kernel_op, off_current_device, register_fake
 
 __all__ = ["rotate", "rotate_half_reference", "rotary_reference"]
@@ -161,9 +162,7 @@ def rotate(x: Tensor, inv_freq: Tensor, positions: Tensor | None = None, *, rota
     lead, s, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     if inv_freq.dim() != 1 or not 1 <= 2 * inv_freq.shape[0] <= d:
         raise ValueError(f"inv_freq must be [r/2] with 2 <= r <= d={d}, got shape {tuple(inv_freq.shape)}")
-    rotated = s if rotated is None else rotated
-    if isinstance(rotated, bool) or not isinstance(rotated, int) or not 0 <= rotated <= s:
-        raise ValueError(f"rotated must be an int in 0..{s} (the slices to turn), got {rotated!r}")
+    rotated = check_int("rotated", s if rotated is None else rotated, 0, s, f"s={s} (the slices to turn)")
     if positions is not None:
         if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_complex():
             raise TypeError("positions must be an integer or floating Tensor or None")
@@ -173,8 +172,7 @@ def rotate(x: Tensor, inv_freq: Tensor, positions: Tensor | None = None, *, rota
             raise ValueError(f"positions of shape {tuple(positions.shape)} do not broadcast to x's rows {tuple(lead)}") from None
         if torch.broadcast_shapes(positions.shape, lead) != lead:
             raise ValueError(f"positions of shape {tuple(positions.shape)} reach past x's rows {tuple(lead)}")
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+    check_backend(backend)
     use_kernel = backend == "triton" or (backend is None and x.is_cuda)
     if backend == "triton" and not can_run_triton(x):
         raise RuntimeError("rotate(backend='triton') needs a CUDA tensor or TRITON_INTERPRET=1")

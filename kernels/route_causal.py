@@ -34,7 +34,6 @@ reference, whose window duals then still come from the Triton soft top-k on CUDA
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Literal
 
 import torch
@@ -43,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import _is_real, check_schedule, check_scores
+from .checks import _is_real, check_backend, check_int, check_schedule, check_scores
 from .soft_topk_kernels import (
     _N_STATS,
     _STAT_A,
@@ -496,14 +495,6 @@ def route_causal_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_int(value, name: str, lo: int, hi: int | None = None, hi_name: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi_name or hi}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
 def _check_args(scores, window_size, capacity, k, n_iters, eps, eps_init, eps_decay, mask, straight_through,
                 backend) -> None:
     check_scores(scores, "scores")
@@ -511,8 +502,8 @@ def _check_args(scores, window_size, capacity, k, n_iters, eps, eps_init, eps_de
         raise ValueError(f"scores must have shape [batch, routes, seq], got {tuple(scores.shape)}")
     if scores.shape[-1] < 1:
         raise ValueError(f"scores must have at least one position (seq >= 1), got shape {tuple(scores.shape)}")
-    _check_int(window_size, "window_size", 1)
-    _check_int(capacity, "capacity", 1, window_size, f"window_size={window_size}")
+    check_int("window_size", window_size, 1)
+    check_int("capacity", capacity, 1, window_size, f"window_size={window_size}")
     if not _is_real(k):
         raise TypeError(f"k must be a number, got {type(k).__name__}")
     if not 0 < k < float("inf"):
@@ -529,8 +520,7 @@ def _check_args(scores, window_size, capacity, k, n_iters, eps, eps_init, eps_de
             raise ValueError(f"mask must be on the device of scores ({scores.device}), got {mask.device}")
     if not isinstance(straight_through, bool):
         raise TypeError(f"straight_through must be a bool, got {type(straight_through).__name__}")
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+    check_backend(backend)
 
 
 def route_causal(

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .checks import check_mask, check_scores
+from .checks import check_backend, check_mask, check_scores
 from . import runtime
 from .runtime import INTERPRET, kernel_op, off_current_device, register_fake
 
@@ -218,8 +218,7 @@ def top_k_indices(s: Tensor, k: int, *, mask: Tensor | None = None, backend: str
     n = s.shape[-1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
         raise ValueError(f"k must be an int in [1, n={n}], got {k!r}")
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+    check_backend(backend)
     lead = s.shape[:-1]
     s2 = s.detach().reshape(-1, n)
     mask2 = None if mask is None else mask.reshape(-1, n)

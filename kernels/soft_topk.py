@@ -21,7 +21,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .checks import check_coor_descent_args, checked_k, eps_schedule
+from .checks import check_backend, check_coor_descent_args, checked_k, eps_schedule
 from .soft_topk_kernels import _N_STATS, _STAT_A, _coor_descent_bwd_kernel, _coor_descent_fwd_kernel
 from .reference import coor_descent_offset_reference, coor_descent_reference
 from . import runtime
@@ -327,8 +327,7 @@ def _dispatch(triton_impl, reference_impl, s, n_iters, k, eps, eps_init, eps_dec
     """Validate once, then the Triton kernels (CUDA by default, or backend="triton") or the
     PyTorch reference (backend="reference", or a non-CUDA tensor by default)."""
     check_coor_descent_args(s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask)
-    if backend not in (None, "triton", "reference"):
-        raise ValueError(f"backend must be 'triton', 'reference' or None, got {backend!r}")
+    check_backend(backend)
     k = checked_k(k)  # under torch.compile: a per-row k's values are checked when the graph runs
     if backend == "triton" or (backend is None and s.device.type == "cuda"):
         return triton_impl(s, n_iters, k, eps, eps_init, eps_decay, mask)
