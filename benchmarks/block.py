@@ -138,7 +138,7 @@ def fmt(v, spec: str = ".2f") -> str:
 def block_table(sizes: list[int], modes: list[str]) -> None:
     print("\nblocks, forward+backward: median ms | CUDA kernels | GPU-busy ms | wall / busy | peak GiB; "
           "kernels and busy from torch.profiler (eager and compiled)")
-    head = f"| block | n | mode | ours ms | dense ms | ours / dense | ours kernels | dense kernels | ours busy | dense busy | ours wall/busy | ours GiB | dense GiB |"
+    head = "| block | n | mode | ours ms | dense ms | ours / dense | ours kernels | dense kernels | ours busy | dense busy | ours wall/busy | ours GiB | dense GiB |"
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for name, (ours_fn, dense_fn) in BLOCKS.items():

@@ -76,7 +76,7 @@ def dense_heavy(q, kv, *, scale=None, null_kv=None, kv_scale=None, kv_mask=None,
     """float64 softmax(Q K'^T) V' per head, K' and V' with the null key/value as an explicit
     first column, and a dense [b, h, i, 1 + j] mask; rows with nothing allowed are 0."""
     b, i, h, dh = q.shape
-    r, j, g = kv.shape[1], kv.shape[2], kv.shape[4]
+    j, g = kv.shape[2], kv.shape[4]
     scale = dh**-0.5 if scale is None else scale
     outs = []
     for head in range(h):

@@ -18,7 +18,6 @@ import pytest
 import torch
 from conftest import local_allowed, requires_cuda
 
-import colt5.kernels.flash_attention as A
 from colt5.kernels.flash_attention import attention, local_attention_packed
 from colt5.kernels.flash_attention_reference import heavy_visibility
 
