@@ -58,7 +58,7 @@ class DenseAttention(nn.Module):
         """cache (causal only, no mask): at length 0 the usual forward over a prompt that also
         keeps its keys/values; after that x [b, 1, d] attends to the cached positions and itself."""
         q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h e) -> t b h n e", t=3, h=self.heads)
-        if self.rotary is not None:  # the PyTorch form: inductor fuses it into the q/k/v split
+        if self.rotary is not None:  # the PyTorch form: with the rotary kernel this model trained slower at 4,096
             stepping = cache is not None and cache.position.length > 0
             positions = cache.position.tensor.view(1) if stepping else torch.arange(x.shape[1], device=x.device)
             freqs = self.rotary(positions)

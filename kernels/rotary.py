@@ -58,12 +58,14 @@ def _rotary_kernel(X, INV_FREQ, POS, Y, rows, n, s_xr, s_xs, slices, rotated, ha
     ok = row_ok[:, None] & (c < d)[None, :]
     x_row = X + r[:, None].to(tl.int64) * s_xr
     y_row = Y + r[:, None].to(tl.int64) * (slices * d)
-    for s in range(0, slices):
-        x = tl.load(x_row + s * s_xs + c[None, :], mask=ok, other=0.0).to(tl.float32)
+    for s in range(0, slices):  # the pointers advance: the heads of a transposed x may lie > 2^31 apart
+        x = tl.load(x_row + c[None, :], mask=ok, other=0.0).to(tl.float32)
         if s < rotated:
-            xp = tl.load(x_row + s * s_xs + partner[None, :], mask=row_ok[:, None] & turned[None, :], other=0.0)
+            xp = tl.load(x_row + partner[None, :], mask=row_ok[:, None] & turned[None, :], other=0.0)
             x = x * cos + xp.to(tl.float32) * sin
-        tl.store(y_row + s * d + c[None, :], x.to(Y.dtype.element_ty), mask=ok)
+        tl.store(y_row + c[None, :], x.to(Y.dtype.element_ty), mask=ok)
+        x_row += s_xs
+        y_row += d
 
 
 @kernel_op("colt5::rotary")
@@ -152,13 +154,16 @@ def rotate(x: Tensor, inv_freq: Tensor, positions: Tensor | None = None, *, rota
         backend: None (the Triton kernel for CUDA tensors of fp16/bf16/fp32, else the
             reference), "triton" (also CPU tensors under TRITON_INTERPRET=1) or "reference".
 
-    Returns a new tensor of x's shape and dtype (contiguous from the kernel); differentiable in x.
-    Raises TypeError / ValueError naming the argument.
+    Returns a new tensor of x's shape and dtype (contiguous from the kernel); differentiable in x
+    (not in positions). Raises TypeError / ValueError naming the argument; ValueError for
+    backend="triton" with a dtype the kernel does not take.
     """
     if not isinstance(x, Tensor) or not isinstance(inv_freq, Tensor):
         raise TypeError("x and inv_freq must be Tensors")
-    if x.dim() < 3 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating [..., n, s, d] tensor, got {x.dtype} of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.dim() < 3:
+        raise ValueError(f"x must be [..., n, s, d], got shape {tuple(x.shape)}")
     lead, s, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     if inv_freq.dim() != 1 or not 1 <= 2 * inv_freq.shape[0] <= d:
         raise ValueError(f"inv_freq must be [r/2] with 2 <= r <= d={d}, got shape {tuple(inv_freq.shape)}")
@@ -176,6 +181,8 @@ def rotate(x: Tensor, inv_freq: Tensor, positions: Tensor | None = None, *, rota
     use_kernel = backend == "triton" or (backend is None and x.is_cuda)
     if backend == "triton" and not can_run_triton(x):
         raise RuntimeError("rotate(backend='triton') needs a CUDA tensor or TRITON_INTERPRET=1")
+    if backend == "triton" and x.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"rotate(backend='triton') takes fp16/bf16/fp32, got {x.dtype}")
     if not use_kernel or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         return rotary_reference(x, inv_freq, positions, rotated=rotated)
     flat = x.reshape(-1, s, d)

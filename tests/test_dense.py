@@ -49,7 +49,7 @@ def test_block_matches_reference(causal, masked, n, rotary_emb):
     block = DenseTransformerBlock(24, heads=3, dim_head=8, ff_mult=2, causal=causal, rotary_emb=rotary_emb).double()
     x = torch.randn(2, n, 24, dtype=torch.float64)
     mask = torch.rand(2, n) > 0.4 if masked else None
-    tol = 1e-6 if rotary_emb else TOLERANCES[torch.float64][0]  # apply_rotary turns in float32
+    tol = 1e-6 if rotary_emb else TOLERANCES[torch.float64][0]  # rotary angles are float32 (positions * inv_freq)
     assert_close(block(x, mask), reference_block(block, x, mask), tol, "block output")
 
 

@@ -65,6 +65,31 @@ def test_kernel_matches_float64_per_head(case, dtype):
     assert_close(grad, grad64, rtol, "grad")
 
 
+def test_kernel_reads_strided_inputs():
+    """Views the kernel reads in place (heads of a transposed [1, h, n, d], n * d apart; heads
+    padded to 16 features; rows padded to five heads) and one it gets a copy of (a last dim
+    that is not contiguous): the same as on a contiguous copy."""
+    torch.manual_seed(1)
+    inv_freq = RotaryEmbedding(8).inv_freq
+    positions = torch.randint(0, 5000, (1, 7))
+    views = {
+        "transposed heads": torch.randn(1, 3, 7, 8).transpose(1, 2),
+        "padded heads": torch.randn(1, 7, 3, 16)[..., :8],
+        "padded rows": torch.randn(1, 7, 5, 8)[:, :, 1:4],
+        "strided features": torch.randn(1, 7, 3, 16)[..., ::2],
+    }
+    for name, x in views.items():
+        x = x.requires_grad_()
+        out = rotate(x, inv_freq, positions, rotated=2, backend="triton")
+        want = rotary_reference(x.detach().contiguous().double(), inv_freq, positions, rotated=2)
+        assert_close(out, want, 1e-5, name)
+        g = torch.randn(x.shape)
+        (grad,) = torch.autograd.grad(out, x, g)
+        x64 = x.detach().double().requires_grad_()
+        (grad64,) = torch.autograd.grad(rotary_reference(x64, inv_freq, positions, rotated=2), x64, g.double())
+        assert_close(grad, grad64, 1e-5, f"{name} grad")
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_reference_is_the_kernels_definition(case):
     lead, s, d, rotated, r, kind = CASES[case]
@@ -90,6 +115,10 @@ def test_module_rotate_and_zero_rotated_and_errors():
         rotate(x, rot.inv_freq, torch.ones(5, dtype=torch.bool))
     with pytest.raises(ValueError, match="x must be"):
         rotate(torch.randn(5, 8), rot.inv_freq)
+    with pytest.raises(TypeError, match="floating"):
+        rotate(torch.ones(2, 5, 3, 8, dtype=torch.long), rot.inv_freq)
+    with pytest.raises(ValueError, match="fp16/bf16/fp32"):
+        rotate(x.double(), rot.inv_freq, backend="triton")
 
 
 def test_op_registration():
@@ -105,6 +134,9 @@ def test_gpu_matches_float64_eager_compiled_and_captured():
     """The language model's light layout at 16k (rows of q, k, v heads) in bf16: eager, under
     torch.compile (the op kept whole) and replayed from a CUDA graph, forward and gradient."""
     rot = RotaryEmbedding(64).cuda()
+    x32 = torch.randn(2, 16384, 6, 64, device="cuda", requires_grad=True)
+    want32 = _per_head64(x32.detach().cpu(), rot.inv_freq.cpu(), None, 4)
+    assert_close(rot.rotate(x32, rotated=4), want32, 1e-5, "fp32 at positions up to 16k")
     x = torch.randn(2, 16384, 6, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
     want = _per_head64(x.detach().cpu(), rot.inv_freq.cpu(), None, 4)
