@@ -38,7 +38,9 @@ def test_equal_budgets_and_the_table(tmp_path, capsys):
     for model in ("colt5", "dense"):
         summary = json.loads((tmp_path / "q" / f"32-{model}" / "summary.json").read_text())
         curve = quality.validation(tmp_path / "q" / f"32-{model}")
-        assert curve and curve[-1][0] == summary["step"] > 12  # trained past the calibration, evaluated at the end
+        # evaluated at the end; at least the script's floor of 10 steps (how many more depends on
+        # the machine's speed: a loaded one makes fewer than the 12 of the calibration in 1.2 s)
+        assert curve and curve[-1][0] == summary["step"] >= 10
         assert all(t1 > t0 for (_, t0, _), (_, t1, _) in zip(curve, curve[1:]))  # training seconds grow
 
 
