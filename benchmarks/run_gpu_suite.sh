@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in stages: bash benchmarks/run_gpu_suite.sh STAGE...
-# Stages: tests block lm profile coor local cross variants train quality defaults. Logs go to $OUT
+# Stages: tests block lm profile coor local tiles cross variants train quality defaults. Logs go to $OUT
 # (or ./gpu-logs). quality trains 5 minutes per model and length: one model per device call
 # (QUALITY_MODELS=colt5, then QUALITY_MODELS=dense on the same warm machine, whose /tmp keeps the
 # first), the table and plot then by `python benchmarks/lm_quality.py --report --out /tmp/quality`.
@@ -23,6 +23,7 @@ for stage in "$@"; do
     profile) TAIL=70 run profile python3 benchmarks/block.py --profile ${PROFILE_N:-8192} ;;
     coor) run coor python3 benchmarks/coor_descent.py ;;
     local) run local python3 benchmarks/local_attention.py ;;
+    tiles) run tiles python3 benchmarks/attention_tiles.py ;;
     cross) run cross python3 benchmarks/cross_attention.py ;;
     variants) run variants python3 benchmarks/variants_gpu.py ;;
     train)
