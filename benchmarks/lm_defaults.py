@@ -45,6 +45,7 @@ VARIANTS = {
     "light window 512": model_args(light_window_size=512),
     "4 light + 6 heavy heads": model_args(light_heads=4),
     "light ff mult 2": model_args(light_ff_mult=2),
+    "4 light + 6 heavy heads, light ff mult 2": model_args(light_heads=4, light_ff_mult=2),
     "learned positions, lr 3e-4": [*LEARNED, "--lr", "3e-4"],
     "learned positions, lr 6e-4": [*LEARNED, "--lr", "6e-4"],
     "learned positions, lr 1e-3": [*LEARNED, "--lr", "1e-3"],
