@@ -46,14 +46,14 @@ def check_int(name: str, value: object, lo: int, hi: int | None = None, hi_name:
 
 
 def check_tensor(name: str, t: object, shape: tuple | None = None, what: str = "",
-                 device: torch.device | None = None, device_of: str = "q") -> None:
-    """t is a Tensor, of `shape` (described as `what`) and on `device` (that of `device_of`)."""
+                 device: torch.device | None = None) -> None:
+    """t is a Tensor, of `shape` (described as `what`) and on `device` (q's)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must be {what} = {tuple(shape)}, got shape {tuple(t.shape)}")
     if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but {device_of} is on {device}")
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
 
 
 def check_floating(name: str, t: Tensor) -> None:

@@ -172,11 +172,11 @@ def rotate(x: Tensor, inv_freq: Tensor, positions: Tensor | None = None, *, rota
         if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_complex():
             raise TypeError("positions must be an integer or floating Tensor or None")
         try:
-            torch.broadcast_shapes(positions.shape, lead)
+            fits = torch.broadcast_shapes(positions.shape, lead) == lead
         except RuntimeError:
-            raise ValueError(f"positions of shape {tuple(positions.shape)} do not broadcast to x's rows {tuple(lead)}") from None
-        if torch.broadcast_shapes(positions.shape, lead) != lead:
-            raise ValueError(f"positions of shape {tuple(positions.shape)} reach past x's rows {tuple(lead)}")
+            fits = False
+        if not fits:
+            raise ValueError(f"positions of shape {tuple(positions.shape)} do not broadcast to x's rows {tuple(lead)}")
     check_backend(backend)
     use_kernel = backend == "triton" or (backend is None and x.is_cuda)
     if backend == "triton" and not can_run_triton(x):
