@@ -1,15 +1,15 @@
 """The training example's defaults, chosen by measurement: variants of the CoLT5 model at equal steps.
 
-    python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~15 minutes)
+    python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~1 minute per variant)
     python benchmarks/lm_defaults.py --steps 3000 --variants default "lr 6e-4" dense
     python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 -- --dim 32 --depth 1   # a smoke run
     python benchmarks/lm_defaults.py --reuse          # a sweep split over calls: keep the runs that finished
 
 Every variant trains from the same seed for the same number of steps (so with the same schedule
 and the same batches) on the default corpus, in the example's default mode for the device, and the
-table compares their validation bpc at the end. The runs go one after another: eight CUDA-graph
-runs sharing one H200 made about a third of the steps that the same runs make one at a time.
-Arguments after `--` go to every run.
+table compares their validation bpc at the end and their training tokens/s. The runs go one after
+another: eight CUDA-graph runs sharing one H200 made about a third of the steps that the same
+runs make one at a time. Arguments after `--` go to every run.
 """
 
 from __future__ import annotations
@@ -29,23 +29,32 @@ def model_args(**kwargs) -> list[str]:
 
 
 # name -> the example's flags. The default: rotary positions, lr 1e-3; of 8 heads 2 light (window
-# 128) and 6 heavy; per routing window of 128: 8 routed queries, 16 routed key-values, 8 routed
-# feedforward tokens. Dense: 8 heads, ff mult 4, the same positions and rate.
+# 128) and 6 heavy; light ff mult 2, heavy 4; per routing window of 128: 8 routed queries, 16
+# routed key-values, 8 routed feedforward tokens. Dense: 8 heads, ff mult 4, the same positions
+# and rate.
 LEARNED = ["--positions", "learned"]
 HEADS_4_4 = model_args(light_heads=4, heavy_heads=4)
+HEADS_4_6 = model_args(light_heads=4)
 ROUTED_2X = model_args(num_heavy_attn_tokens_q=16, num_heavy_attn_tokens_kv=32, num_heavy_ff_tokens=16)
+LIGHT_FF_HALF = model_args(light_ff_mult=0.5)  # colt5-attention's light width
+HEAVY_FF_16 = model_args(heavy_ff_mult=16)  # the paper's heavy width: four times T5's 4 dim
 VARIANTS = {
     "default": [],
     "lr 3e-4": ["--lr", "3e-4"],
     "lr 6e-4": ["--lr", "6e-4"],
-    "lr 6e-4, 4 light + 4 heavy heads": ["--lr", "6e-4", *HEADS_4_4],
+    "lr 2e-3": ["--lr", "2e-3"],
     "4 light + 4 heavy heads": HEADS_4_4,
+    "4 light + 6 heavy heads": HEADS_4_6,
     "2x routed tokens": ROUTED_2X,
     "light window 256": model_args(light_window_size=256),
     "light window 512": model_args(light_window_size=512),
-    "4 light + 6 heavy heads": model_args(light_heads=4),
-    "light ff mult 2": model_args(light_ff_mult=2),
-    "4 light + 6 heavy heads, light ff mult 2": model_args(light_heads=4, light_ff_mult=2),
+    "light ff mult 4": model_args(light_ff_mult=4),
+    "heavy ff mult 16": HEAVY_FF_16,
+    "heavy ff mult 16, 4 light + 6 heavy heads": [*HEAVY_FF_16, *HEADS_4_6],
+    "heavy ff mult 16, 2x routed tokens": [*HEAVY_FF_16, *ROUTED_2X],
+    "light ff mult 1/2": LIGHT_FF_HALF,
+    "light ff mult 1/2, 2x routed tokens": [*LIGHT_FF_HALF, *ROUTED_2X],
+    "light ff mult 1/2, lr 6e-4, 4 light + 4 heavy heads": [*LIGHT_FF_HALF, "--lr", "6e-4", *HEADS_4_4],
     "learned positions, lr 3e-4": [*LEARNED, "--lr", "3e-4"],
     "learned positions, lr 6e-4": [*LEARNED, "--lr", "6e-4"],
     "learned positions, lr 1e-3": [*LEARNED, "--lr", "1e-3"],
@@ -69,6 +78,12 @@ def final_validation(out: Path) -> tuple[int, float] | None:
     """(step, val bpc) of the run's last evaluation, or None if it made none."""
     seen = evaluations(out)
     return (seen[-1]["step"], seen[-1]["val_bpc"]) if seen else None
+
+
+def tokens_per_s(out: Path) -> float | None:
+    """The run's training tokens/s after its warm-up (the example's summary), or None."""
+    summary = out / "summary.json"
+    return json.loads(summary.read_text()).get("train_tokens_per_s") if summary.exists() else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,17 +118,19 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"examples/train_enwik8.py --seq-len {args.seq} --steps {args.steps}{' ' + ' '.join(extra) if extra else ''}, "
           f"the same seed and batches for every variant")
-    print("| variant | flags | val bpc at the end | vs default |")
-    print("|---|---|---|---|")
+    print("| variant | flags | val bpc at the end | vs default | tokens/s |")
+    print("|---|---|---|---|---|")
     base = final_validation(out / "default") if "default" in args.variants and "default" not in failed else None
     for name in args.variants:
         result = None if name in failed else final_validation(out / run_dir_name(name))
         flags = " ".join(VARIANTS[name]) or "-"
         if result is None:
-            print(f"| {name} | {flags} | failed (see {failed.get(name, 'its log')}) | - |")
+            print(f"| {name} | {flags} | failed (see {failed.get(name, 'its log')}) | - | - |")
             continue
         delta = f"{result[1] - base[1]:+.4f}" if base and name != "default" else "-"
-        print(f"| {name} | `{flags}` | {result[1]:.4f} (step {result[0]:,}) | {delta} |")
+        speed = tokens_per_s(out / run_dir_name(name))
+        print(f"| {name} | `{flags}` | {result[1]:.4f} (step {result[0]:,}) | {delta} | "
+              f"{'-' if speed is None else f'{speed:,.0f}'} |")
 
 
 if __name__ == "__main__":
