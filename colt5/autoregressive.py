@@ -295,7 +295,8 @@ class ConditionalRoutedAutoregressiveFeedForward(nn.Module):
         num_heavy_tokens: routed tokens per heavy window (<= heavy_window_size); forward's
             num_heavy_tokens overrides it per call.
         heavy_window_size: the routing window W (default 16 * num_heavy_tokens: CoLT5's n/16).
-        light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (CoLT5: 1/2 and 4).
+        light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (defaults 1/2 and 4; the paper's
+            are 2 and 16, half and four times T5's 4 dim).
         router_straight_through, router_kwargs, use_triton, router_class: as
             ConditionalRoutedAutoregressiveAttention.
     """

@@ -77,7 +77,8 @@ class ConditionalRoutedFeedForward(nn.Module):
         num_heavy_tokens: tokens per sequence taking the heavy FF (CoLT5: n / 16); forward's
             num_heavy_tokens overrides it per call. When n <= num_heavy_tokens every token takes
             the heavy FF with weight 1 (no routing).
-        light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (CoLT5: 1/2 and 4).
+        light_ff_mult, heavy_ff_mult: hidden widths as multiples of dim (defaults 1/2 and 4; the paper's
+            are 2 and 16, half and four times T5's 4 dim).
         router_straight_through: the soft weights are 1 in the forward, soft in the backward.
         router_kwargs: extra router arguments (for `CoordinateDescentRouter`: n_iters, eps,
             fetch_k_ratio, cosine_sim_routing, route_block_size, ...).

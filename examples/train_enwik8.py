@@ -81,7 +81,7 @@ from colt5.data import Corpus, RandomWindowSampler, load_corpus
 from colt5.lm import CoLT5LanguageModel
 
 # Per-device defaults for every flag left unset. CPU (2 cores, idle machine, the 122 MB default
-# corpus, rotary positions): the CoLT5 model goes from 8.0 to 2.99 val bpc in 600 steps, 124 s wall, 22k tokens/s
+# corpus, rotary positions): the CoLT5 model goes from 7.8 to 2.87 val bpc in 600 steps, 148 s wall, 19k tokens/s
 # (dense: 2.67). CUDA: chosen by measurement (benchmarks/lm_defaults.py, benchmarks/RESULTS.md).
 DEFAULTS = {
     "cpu": dict(
@@ -299,15 +299,16 @@ def model_config(args: argparse.Namespace) -> dict:
     if args.dense:
         config.update(heads=heads, dim_head=64, ff_mult=4)
     else:
-        # CoLT5's split: 1/4 of the heads local (light), the rest routed (heavy); light ff 1/2,
-        # heavy ff 4x; per routing window W: W/16 queries, W/8 key-values, W/16 ff tokens (the
-        # block's defaults). W = the light window, 128 as in the paper (radius 127), smaller for
-        # short contexts so that a sequence spans several routing windows.
+        # CoLT5's split: 1/4 of the heads local (light), the rest routed (heavy); light ff 2 dim
+        # (the paper's: half of T5's 4 dim), heavy ff 4 dim (measured: the paper's 16 trains no
+        # better and 6% slower); per routing window W: W/16 queries, W/8 key-values, W/16 ff tokens
+        # (the block's defaults). W = the light window, 128 as in the paper (radius 127), smaller
+        # for short contexts so that a sequence spans several routing windows.
         light_heads = max(1, heads // 4)
         window = min(128, max(1, args.seq_len // 4))
         config.update(
             light_heads=light_heads, light_dim_head=64, heavy_heads=heads - light_heads, heavy_dim_head=64,
-            light_window_size=window, heavy_window_size=window, light_ff_mult=0.5, heavy_ff_mult=4,
+            light_window_size=window, heavy_window_size=window, light_ff_mult=2, heavy_ff_mult=4,
         )
     return {**config, **args.model_args}
 
