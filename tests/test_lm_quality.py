@@ -1,11 +1,15 @@
-"""benchmarks/lm_quality.py end to end on the CPU, tiny: both models calibrated, trained for the
-budget, and compared at the steps both reached."""
+"""The benchmarks built on the training example's runs, end to end on the CPU, tiny: lm_quality
+(both models calibrated, trained for the budget, compared at the steps both reached),
+lm_defaults (variants from the same start) and branch_ablation (a run without its heavy
+branches)."""
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +103,28 @@ def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
                    "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN, "--lr", "5e-4"])
     assert "kept" not in capsys.readouterr().out
     assert torch.load(runs["default"] / "checkpoint.pt", weights_only=True)["args"]["lr"] == 5e-4
+
+
+def test_branch_ablation_of_a_run(tmp_path, capsys):
+    from test_train_enwik8 import synthetic_text
+
+    data = tmp_path / "corpus.txt"
+    data.write_bytes(synthetic_text(20_000))
+    ablation = load(ROOT / "benchmarks" / "branch_ablation.py")
+    example_runs = load(ROOT / "benchmarks" / "example_runs.py")
+    out = tmp_path / "run"
+    subprocess.run(example_runs.example_command(out, seq=64, steps=8, eval_every=8, device="cpu",
+                                                flags=["--data", str(data), *TINY_RUN, "--eval-batches", "2"]), check=True)
+    rows = dict(ablation.main([str(out), "--device", "cpu"]))
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in table[1:]] == list(rows)
+    # the run's own evaluation of the same windows, and each removal changes the model
+    assert abs(rows["as trained"] - json.loads((out / "summary.json").read_text())["final_val_bpc"]) < 1e-6
+    assert len(set(rows.values())) == 4
+
+    dense = tmp_path / "dense"
+    subprocess.run(example_runs.example_command(dense, seq=64, steps=1, eval_every=1, device="cpu",
+                                                flags=["--data", str(data), *TINY_RUN, "--dense"]), check=True)
+    with pytest.raises(SystemExit):
+        ablation.main([str(dense)])
+    assert "no heavy branches" in capsys.readouterr().err
