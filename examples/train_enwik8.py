@@ -427,6 +427,8 @@ def load_checkpoint(path: Path) -> dict:
         args.setdefault("model_args", {})  # joined the checkpoint's args later: older runs had none
         if "positions" not in args:  # older runs: the position table, rotary only through --model-arg
             args["positions"] = "rotary" if args["model_args"].pop("rotary_emb", False) else "learned"
+        if isinstance(state.get("model"), dict):
+            _keep_light_ff_width(args, state["model"])
         missing += [f"args.{k}" for k in (*FIXED_ON_RESUME, *DEFAULTS["cpu"]) if k not in args]
     if isinstance(state, dict) and not isinstance(state.get("world_size", 1), int):
         missing.append("a valid world_size")
@@ -434,6 +436,16 @@ def load_checkpoint(path: Path) -> dict:
         raise RunError(f"{path} is not a checkpoint of this script (missing {', '.join(missing) or 'a valid args/step'}); "
                        "start again with --overwrite or choose another --out")
     return state
+
+
+def _keep_light_ff_width(args: dict, model_state: dict) -> None:
+    """The CoLT5 light feedforward was 1/2 dim before it became 2: a checkpoint of that width
+    that does not name it resumes with it (as --model-arg light_ff_mult, fixed on resume)."""
+    if args.get("dense") or "light_ff_mult" in args["model_args"] or not isinstance(args.get("dim"), int):
+        return
+    first = next((v for k, v in model_state.items() if k.endswith("layers.0.ff.light_ff.net.0.weight")), None)
+    if isinstance(first, torch.Tensor) and first.dim() == 2 and first.shape[0] == max(1, args["dim"] // 2):
+        args["model_args"]["light_ff_mult"] = 0.5
 
 
 def read_metrics(path: Path, *, upto: int) -> list[dict]:

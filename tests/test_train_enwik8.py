@@ -206,6 +206,22 @@ def test_checkpoint_with_rotary_through_model_arg_resumes_as_rotary(tmp_path, te
     assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["args"]["model_args"] == {}
 
 
+def test_checkpoint_of_the_half_dim_light_feedforward_resumes_with_it(tmp_path, text_file):
+    """The routed model's light feedforward was 1/2 dim before it became 2: a checkpoint of that
+    width that does not name it resumes with it, exactly, and names it from then on."""
+
+    def earlier_format(state):
+        assert state["args"]["model_args"] == {"light_ff_mult": 0.5}
+        state["args"]["model_args"] = {}
+
+    routed = [arg for arg in MINI if arg != "--dense"]
+    common = ["--data", str(text_file), "--steps", "4", "--eval-every", "2", *routed, "--model-arg", "light_ff_mult=0.5"]
+    resume_edited_checkpoint(load_script(), tmp_path, common, 2, earlier_format)
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert saved["args"]["model_args"] == {"light_ff_mult": 0.5}
+    assert saved["model"]["backbone.layers.0.ff.light_ff.net.0.weight"].shape == (8, 16)
+
+
 def test_flat_gradients_collect_every_gradient_in_one_buffer():
     """The captured step under DDP reduces one buffer: the first backward's gradients move into it
     unchanged, later backwards accumulate into it, and zeroing it zeroes every .grad. A parameter
