@@ -1,10 +1,10 @@
 """How much a trained CoLT5 language model uses its heavy branches.
 
-    python benchmarks/branch_ablation.py runs/colt5                  # a run of examples/train_enwik8.py --out runs/colt5
+    python benchmarks/branch_ablation.py runs/colt5        # a run of examples/train_enwik8.py --out runs/colt5
     python benchmarks/branch_ablation.py runs/colt5 --batches 32 --device cuda
 
 Loads the run's checkpoint and measures validation bpc on the run's own validation windows (the
-example's evaluation: its seed, batch size and sequence length) four times: the model as trained,
+example's evaluation: its seed, global batch and sequence length) four times: the model as trained,
 every layer's heavy attention removed (its output projection zeroed, so routed positions get no
 heavy output and unrouted ones keep the learned null output), every heavy feedforward removed (its
 last linear zeroed), and both. What removing a branch costs is what the model gets from it; a
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -29,19 +30,21 @@ from example_runs import SCRIPT
 
 def load_example():
     """examples/train_enwik8.py as a module (registered first: its dataclasses look themselves up)."""
+    loaded = sys.modules.get("train_enwik8")
+    if loaded is not None and getattr(loaded, "__file__", None) == str(SCRIPT):
+        return loaded
     spec = importlib.util.spec_from_file_location("train_enwik8", SCRIPT)
-    module = sys.modules.setdefault("train_enwik8", importlib.util.module_from_spec(spec))
+    module = sys.modules["train_enwik8"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def zero_output(module: nn.Module) -> None:
-    """Zero the module's last linear layer, so that it adds nothing to the residual stream."""
-    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+def zero_output(linear: nn.Linear) -> None:
+    """Zero a branch's output projection, so that the branch adds nothing to the residual stream."""
     with torch.no_grad():
-        last.weight.zero_()
-        if last.bias is not None:
-            last.bias.zero_()
+        linear.weight.zero_()
+        if linear.bias is not None:
+            linear.bias.zero_()
 
 
 def without(model: nn.Module, *, attention: bool, feedforward: bool) -> nn.Module:
@@ -49,9 +52,9 @@ def without(model: nn.Module, *, attention: bool, feedforward: bool) -> nn.Modul
     model = copy.deepcopy(model)
     for layer in model.backbone.layers:
         if attention:
-            zero_output(layer.attn.heavy)
+            zero_output(layer.attn.heavy.to_out)
         if feedforward:
-            zero_output(layer.ff.heavy_ff)
+            zero_output(layer.ff.heavy_ff.net[-1])
     return model
 
 
@@ -65,10 +68,17 @@ def validation_bpc(model: nn.Module, batches: list[torch.Tensor], dtype: torch.d
     return total / len(batches) / math.log(2)
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="the --out directory of a CoLT5 run of examples/train_enwik8.py")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: the run's --eval-batches)")
+    p.add_argument("--batches", type=positive_int, default=None,
+                   help="validation batches (default: the run's --eval-batches)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     example = load_example()
@@ -81,17 +91,24 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
     model.load_state_dict(state["model"])
     model.to(device).eval()
     corpus, _ = example.load_data(run_args, 0, 1)
-    sampler = example.RandomWindowSampler(corpus.valid, seq_len=run_args.seq_len, batch_size=run_args.batch_size,
+    summary = args.run / example.SUMMARY
+    saved_bytes = json.loads(summary.read_text()).get("corpus_bytes") if summary.exists() else None
+    if saved_bytes is not None and saved_bytes != corpus.num_bytes:
+        print(f"warning: the corpus holds {corpus.num_bytes:,} bytes, the run's held {saved_bytes:,}: other "
+              "validation windows than the run's", file=sys.stderr)
+    # The run's evaluation: every process's share of the global batch (--batch-size is per process).
+    global_batch = run_args.batch_size * state.get("world_size", 1)
+    sampler = example.RandomWindowSampler(corpus.valid, seq_len=run_args.seq_len, batch_size=global_batch,
                                           seed=example.EVAL_SEED, rank=0, world_size=1)
     batches = [sampler.batch_at(i).to(device) for i in range(args.batches or run_args.eval_batches)]
-    dtype = torch.bfloat16 if run_args.precision == "bf16" and device.type == "cuda" else None  # as the run evaluated
+    dtype = torch.bfloat16 if run_args.precision == "bf16" else None  # the run's autocast
 
     variants = [("as trained", False, False), ("without heavy attention", True, False),
                 ("without heavy feedforward", False, True), ("without both", True, True)]
     rows = [(name, validation_bpc(without(model, attention=a, feedforward=f) if a or f else model, batches, dtype))
             for name, a, f in variants]
     print(f"{args.run} (step {state['step']:,}, seq {run_args.seq_len:,}), {len(batches)} validation batches of "
-          f"{run_args.batch_size}")
+          f"{global_batch}")
     print("| model | val bpc | cost of the removal |")
     print("|---|---|---|")
     for name, bpc in rows:

@@ -1,6 +1,6 @@
 """The training example's defaults, chosen by measurement: variants of the CoLT5 model at equal steps.
 
-    python benchmarks/lm_defaults.py                                  # CUDA: seq 4096, 1500 steps each (~1 minute per variant)
+    python benchmarks/lm_defaults.py                  # CUDA: seq 4096, 1500 steps each (~1 minute per variant)
     python benchmarks/lm_defaults.py --steps 3000 --variants default "lr 6e-4" dense
     python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 -- --dim 32 --depth 1   # a smoke run
     python benchmarks/lm_defaults.py --reuse          # a sweep split over calls: keep the runs that finished
@@ -15,13 +15,14 @@ runs make one at a time. Arguments after `--` go to every run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from example_runs import evaluations, example_command, split_extra
+from example_runs import SCRIPT, evaluations, example_command, split_extra
 
 
 def model_args(**kwargs) -> list[str]:
@@ -51,7 +52,8 @@ VARIANTS = {
     "light ff mult 4": model_args(light_ff_mult=4),
     "router eps 1 (the paper's)": model_args(router_kwargs={"eps": 1.0}),
     "router eps 0.3": model_args(router_kwargs={"eps": 0.3}),
-    "1 routed token per window (q, kv, ff)": model_args(num_heavy_attn_tokens_q=1, num_heavy_attn_tokens_kv=1, num_heavy_ff_tokens=1),
+    "1 routed token per window (q, kv, ff)": model_args(num_heavy_attn_tokens_q=1, num_heavy_attn_tokens_kv=1,
+                                                        num_heavy_ff_tokens=1),
     "heavy ff mult 16": HEAVY_FF_16,
     "heavy ff mult 16, 4 light + 6 heavy heads": [*HEAVY_FF_16, *HEADS_4_6],
     "heavy ff mult 16, 2x routed tokens": [*HEAVY_FF_16, *ROUTED_2X],
@@ -104,12 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed = {}
+    example_hash = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()
     for name in args.variants:
         run_dir = out / run_dir_name(name)
         cmd = example_command(run_dir, seq=args.seq, steps=args.steps, eval_every=max(1, args.steps // 5),
                               flags=[*VARIANTS[name], *extra], device=args.device)
-        made_by = run_dir / COMMAND  # the command of a run that finished: --reuse keeps it for the same one
-        if args.reuse and made_by.exists() and json.loads(made_by.read_text()) == cmd[1:]:
+        # What made a run that finished: --reuse keeps it for the same command of the same example
+        # (whose defaults a variant's flags are relative to).
+        made_by, record = run_dir / COMMAND, {"command": cmd[1:], "example_sha256": example_hash}
+        if args.reuse and made_by.exists() and json.loads(made_by.read_text()) == record:
             print(f"{name}: kept the finished run in {run_dir}")
             continue
         made_by.unlink(missing_ok=True)
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
                 failed[name] = log.name
             else:
-                made_by.write_text(json.dumps(cmd[1:]))
+                made_by.write_text(json.dumps(record))
 
     print(f"examples/train_enwik8.py --seq-len {args.seq} --steps {args.steps}{' ' + ' '.join(extra) if extra else ''}, "
           f"the same seed and batches for every variant")

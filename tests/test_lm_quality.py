@@ -3,6 +3,7 @@
 lm_defaults (variants from the same start) and branch_ablation (a run without its heavy
 branches)."""
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -67,7 +68,7 @@ def test_one_model_per_call_then_the_report(tmp_path, capsys):
     assert [row.split("|")[2].strip() for row in trained] == ["colt5", "dense"]
 
 
-def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
+def test_defaults_variants_train_from_the_same_start(tmp_path, capsys, monkeypatch):
     from test_train_enwik8 import synthetic_text
 
     data = tmp_path / "corpus.txt"
@@ -99,10 +100,19 @@ def test_defaults_variants_train_from_the_same_start(tmp_path, capsys):
     assert {name: (run / "metrics.jsonl").stat().st_mtime_ns for name, run in runs.items()} == before
     assert defaults.final_validation(tmp_path / "d" / defaults.run_dir_name("lr 3e-4"))[0] == 6
     # ... but not a run that another command made (other steps, flags after --)
-    defaults.main(["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "--reuse",
-                   "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN, "--lr", "5e-4"])
+    reuse = ["--device", "cpu", "--seq", "256", "--steps", "6", "--variants", "default", "--reuse",
+             "--out", str(tmp_path / "d"), "--", "--data", str(data), *TINY_RUN, "--lr", "5e-4"]
+    defaults.main(reuse)
     assert "kept" not in capsys.readouterr().out
     assert torch.load(runs["default"] / "checkpoint.pt", weights_only=True)["args"]["lr"] == 5e-4
+    defaults.main(reuse)
+    assert "default: kept" in capsys.readouterr().out
+    # ... nor a run of another version of the example, whose defaults may differ
+    edited = tmp_path / "train_enwik8.py"
+    edited.write_text(defaults.SCRIPT.read_text() + "\n# another version\n")
+    monkeypatch.setattr(defaults, "SCRIPT", edited)
+    defaults.main(reuse)
+    assert "kept" not in capsys.readouterr().out
 
 
 def test_branch_ablation_of_a_run(tmp_path, capsys):
@@ -113,14 +123,25 @@ def test_branch_ablation_of_a_run(tmp_path, capsys):
     ablation = load(ROOT / "benchmarks" / "branch_ablation.py")
     example_runs = load(ROOT / "benchmarks" / "example_runs.py")
     out = tmp_path / "run"
-    subprocess.run(example_runs.example_command(out, seq=64, steps=8, eval_every=8, device="cpu",
-                                                flags=["--data", str(data), *TINY_RUN, "--eval-batches", "2"]), check=True)
+    flags = ["--data", str(data), *TINY_RUN, "--eval-batches", "2"]
+    subprocess.run(example_runs.example_command(out, seq=64, steps=8, eval_every=8, device="cpu", flags=flags),
+                   check=True)
     rows = dict(ablation.main([str(out), "--device", "cpu"]))
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in table[1:]] == list(rows)
     # the run's own evaluation of the same windows, and each removal changes the model
     assert abs(rows["as trained"] - json.loads((out / "summary.json").read_text())["final_val_bpc"]) < 1e-6
     assert len(set(rows.values())) == 4
+    # each removal zeroes that branch's output projection and nothing else
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    model = ablation.load_example().build_model(argparse.Namespace(**state["args"]))
+    model.load_state_dict(state["model"])
+    heavy = {"attn.heavy.to_out.weight", "ff.heavy_ff.net.2.weight", "ff.heavy_ff.net.2.bias"}
+    for attention, feedforward in ((True, False), (False, True), (True, True)):
+        removed = ablation.without(model, attention=attention, feedforward=feedforward).state_dict()
+        zeroed = {k.split("layers.0.")[-1] for k, v in removed.items() if not torch.equal(v, model.state_dict()[k])}
+        assert zeroed == {k for k in heavy if k.startswith("attn") and attention or k.startswith("ff") and feedforward}
+        assert all(not removed[f"backbone.layers.0.{k}"].any() for k in zeroed)
 
     dense = tmp_path / "dense"
     subprocess.run(example_runs.example_command(dense, seq=64, steps=1, eval_every=1, device="cpu",
