@@ -4,7 +4,8 @@
 # (or ./gpu-logs). quality trains 5 minutes per model and length: one model per device call
 # (QUALITY_MODELS=colt5, then QUALITY_MODELS=dense on the same warm machine, whose /tmp keeps the
 # first), the table and plot then by `python benchmarks/lm_quality.py --report --out /tmp/quality`.
-# defaults keeps the variants already trained in /tmp/defaults (--reuse): a call cut short, run again, goes on.
+# defaults keeps the variants already trained in /tmp/defaults (--reuse): a call cut short, run again, goes on;
+# DEFAULTS_VARIANTS="default;router eps 0.3;..." (names separated by ';') trains only those (all: ~25 minutes).
 # ablation: the heavy branches' worth in a trained run (ABLATION_RUN, default the defaults stage's default run).
 # On a machine without network, carry the wheels of local-attention and its deps in .whl.
 set -uo pipefail
@@ -34,7 +35,9 @@ for stage in "$@"; do
       done ;;
     quality) run quality python3 benchmarks/lm_quality.py --seqs ${QUALITY_SEQS:-16384} --models ${QUALITY_MODELS:-colt5 dense} \
         --calibrate 20 --out /tmp/quality -- --eval-batches 8 ;;
-    defaults) run defaults python3 benchmarks/lm_defaults.py --reuse --out /tmp/defaults ;;
+    defaults)
+      IFS=';' read -ra variants <<< "${DEFAULTS_VARIANTS:-}"
+      run defaults python3 benchmarks/lm_defaults.py --reuse --out /tmp/defaults ${variants[@]:+--variants "${variants[@]}"} ;;
     ablation) run ablation python3 benchmarks/branch_ablation.py ${ABLATION_RUN:-/tmp/defaults/default} --batches 16 ;;
     *) echo "unknown stage $stage" ;;
   esac
