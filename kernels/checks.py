@@ -147,10 +147,7 @@ def checked_k(k: float | Tensor) -> float | Tensor:
 
 
 def check_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: float) -> None:
-    if not _is_int(n_iters):
-        raise TypeError(f"n_iters must be an int, got {type(n_iters).__name__}")
-    if n_iters < 1:
-        raise ValueError(f"n_iters must be >= 1, got {n_iters}")
+    check_int("n_iters", n_iters, 1)
     for name, value in (("eps", eps), ("eps_init", eps_init), ("eps_decay", eps_decay)):
         if value is None and name == "eps_init":
             continue
