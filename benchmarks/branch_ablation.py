@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import sys
@@ -25,18 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from example_runs import SCRIPT
-
-
-def load_example():
-    """examples/train_enwik8.py as a module (registered first: its dataclasses look themselves up)."""
-    loaded = sys.modules.get("train_enwik8")
-    if loaded is not None and getattr(loaded, "__file__", None) == str(SCRIPT):
-        return loaded
-    spec = importlib.util.spec_from_file_location("train_enwik8", SCRIPT)
-    module = sys.modules["train_enwik8"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_runs import load_example
 
 
 def zero_output(linear: nn.Linear) -> None:
@@ -60,12 +48,12 @@ def without(model: nn.Module, *, attention: bool, feedforward: bool) -> nn.Modul
 
 @torch.no_grad()
 def validation_bpc(model: nn.Module, batches: list[torch.Tensor], dtype: torch.dtype | None) -> float:
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=batches[0].device)  # one read at the end
     for batch in batches:
         with torch.autocast(batch.device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(batch[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).item()
-    return total / len(batches) / math.log(2)
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()).double()
+    return total.item() / len(batches) / math.log(2)
 
 
 def positive_int(text: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,17 @@ def example_command(out: Path | str, *, seq: int, steps: int, eval_every: int, f
     cmd = [sys.executable, str(SCRIPT), "--seq-len", str(seq), "--steps", str(steps), "--eval-every", str(eval_every),
            "--generate-every", "0", "--no-progress", "--out", str(out), "--overwrite", *flags]
     return cmd + (["--device", device] if device else [])
+
+
+def load_example():
+    """examples/train_enwik8.py as a module (registered first: its dataclasses look themselves up)."""
+    loaded = sys.modules.get("train_enwik8")
+    if loaded is not None and getattr(loaded, "__file__", None) == str(SCRIPT):
+        return loaded
+    spec = importlib.util.spec_from_file_location("train_enwik8", SCRIPT)
+    module = sys.modules["train_enwik8"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def split_extra(argv: list[str]) -> tuple[list[str], list[str]]:
