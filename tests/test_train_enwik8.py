@@ -222,6 +222,24 @@ def test_checkpoint_of_the_half_dim_light_feedforward_resumes_with_it(tmp_path, 
     assert saved["model"]["backbone.layers.0.ff.light_ff.net.0.weight"].shape == (8, 16)
 
 
+def test_checkpoint_of_the_routing_window_light_attention_resumes_with_it(tmp_path, text_file):
+    """The routed model's light window was its routing window, min(128, seq-len / 4), before it
+    became min(512, seq-len / 4): a checkpoint that does not name it resumes with the old one."""
+    script = load_script()
+    routed = [arg for arg in MINI if arg not in ("--dense", "--seq-len", "32")]
+    common = ["--data", str(text_file), "--steps", "4", "--eval-every", "2", "--seq-len", "1024", "--batch-size", "1",
+              *routed]
+    fresh = script.fill_defaults(script.parse_args(common), torch.device("cpu"), None)
+    assert fresh.light_window == 256 and script.model_config(fresh)["heavy_window_size"] == 128
+
+    def earlier_format(state):
+        assert state["args"]["light_window"] == 128
+        del state["args"]["light_window"]
+
+    resume_edited_checkpoint(script, tmp_path, [*common, "--light-window", "128"], 2, earlier_format)
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["args"]["light_window"] == 128
+
+
 def test_flat_gradients_collect_every_gradient_in_one_buffer():
     """The captured step under DDP reduces one buffer: the first backward's gradients move into it
     unchanged, later backwards accumulate into it, and zeroing it zeroes every .grad. A parameter
@@ -314,6 +332,9 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     assert args.model_args == {"num_heavy_ff_tokens": 3, "light_ff_mult": 1.0}
     assert model.backbone.layers[0].ff.num_heavy_tokens == 3, "the override did not reach the layer"
     assert model.backbone.layers[0].attn.heavy.rotary is not None, "rotary positions are the default"
+    narrow = script.build_model(script.fill_defaults(script.parse_args([*common, "--light-window", "4"]),
+                                                     torch.device("cpu"), None))
+    assert narrow.backbone.layers[0].attn.light_attn.window_size == 4 != model.backbone.layers[0].attn.light_attn.window_size
     learned = script.build_model(script.fill_defaults(script.parse_args([*common, "--positions", "learned"]),
                                                       torch.device("cpu"), None))
     assert learned.backbone.layers[0].attn.heavy.rotary is None
@@ -327,6 +348,8 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     refused(script, [*common, "--model-arg", "heads"], capsys, match="KEY=VALUE")
     refused(script, [*common, "--model-arg", "dim=64"], capsys, match="its own flag (--dim)")
     refused(script, [*common, "--model-arg", "rotary_emb=False"], capsys, match="its own flag (--positions)")
+    refused(script, [*common, "--model-arg", "light_window_size=8"], capsys, match="its own flag (--light-window)")
+    refused(script, ["--out", str(out), "--resume", "--light-window", "4"], capsys, match="--light-window 4 differs")
     refused(script, ["--out", str(out), "--resume", "--positions", "learned"], capsys, match="--positions learned differs")
     refused(script, [*common, "--model-arg", "light_ff_mult=half"], capsys, match="not a Python literal")
     refused(script, [*common, "--model-arg", "no_such_option=1", "--out", str(tmp_path / "bad")], capsys,
