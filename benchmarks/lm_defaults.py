@@ -30,7 +30,7 @@ def model_args(**kwargs) -> list[str]:
 
 
 # name -> the example's flags. The default: rotary positions, lr 1e-3; of 8 heads 2 light (window
-# 128) and 6 heavy; light ff mult 2, heavy 4; per routing window of 128: 8 routed queries, 16
+# 512) and 6 heavy; light ff mult 2, heavy 4; per routing window of 128: 8 routed queries, 16
 # routed key-values, 8 routed feedforward tokens. Dense: 8 heads, ff mult 4, the same positions
 # and rate.
 LEARNED = ["--positions", "learned"]
@@ -47,8 +47,12 @@ VARIANTS = {
     "4 light + 4 heavy heads": HEADS_4_4,
     "4 light + 6 heavy heads": HEADS_4_6,
     "2x routed tokens": ROUTED_2X,
-    "light window 256": model_args(light_window_size=256),
-    "light window 512": model_args(light_window_size=512),
+    "light window 128 (the paper's)": ["--light-window", "128"],
+    "light window 256": ["--light-window", "256"],
+    "light window 1024": ["--light-window", "1024"],
+    "light window 2048": ["--light-window", "2048"],
+    "every query heavy": model_args(num_heavy_attn_tokens_q=128),
+    "every query heavy, 2x routed key-values": model_args(num_heavy_attn_tokens_q=128, num_heavy_attn_tokens_kv=32),
     "light ff mult 4": model_args(light_ff_mult=4),
     "router eps 1 (the paper's)": model_args(router_kwargs={"eps": 1.0}),
     "router eps 0.3": model_args(router_kwargs={"eps": 0.3}),
