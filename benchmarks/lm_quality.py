@@ -47,9 +47,12 @@ def validation(out: Path) -> list[tuple[int, float, float]]:
 
 
 def at_step(curve: list[tuple[int, float, float]], step: int) -> float | None:
-    """Validation bpc of the last evaluation at or before `step`."""
-    seen = [bpc for s, _, bpc in curve if s <= step]
-    return seen[-1] if seen else None
+    """Validation bpc at `step`: linear between the evaluations on either side of it (each run
+    evaluates every tenth of its own steps, so the two models' evaluations fall at other steps)."""
+    for (s0, _, b0), (s1, _, b1) in zip(curve, curve[1:]):
+        if s0 <= step <= s1:
+            return b0 if s1 == s0 else b0 + (b1 - b0) * (step - s0) / (s1 - s0)
+    return curve[-1][2] if curve and curve[-1][0] == step else None
 
 
 def plot(path: Path, curves: dict) -> str | None:
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((seq, model, curve[-1][1] / 60, s["step"], s["final_val_bpc"], at_step(curve, common), common,
                          s["train_tokens_per_s"]))
     print(f"examples/train_enwik8.py{' ' + ' '.join(extra) if extra else ''}: the same training time per model")
-    print("| seq | model | training minutes | steps | val bpc at the end | val bpc at step (both reached) | tokens/s |")
+    print("| seq | model | training minutes | steps | val bpc at the end | val bpc at the step both reached | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for seq, model, minutes, steps, final, common_bpc, common, rate in rows:
         common_text = "-" if common_bpc is None else f"{common_bpc:.4f} (step {common:,})"

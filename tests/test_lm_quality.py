@@ -49,6 +49,14 @@ def test_equal_budgets_and_the_table(tmp_path, capsys):
         assert all(t1 > t0 for (_, t0, _), (_, t1, _) in zip(curve, curve[1:]))  # training seconds grow
 
 
+def test_equal_steps_interpolate_between_evaluations():
+    quality = load(ROOT / "benchmarks" / "lm_quality.py")
+    curve = [(0, 0.0, 8.0), (100, 10.0, 2.0), (200, 20.0, 1.0)]  # (step, seconds, bpc)
+    assert quality.at_step(curve, 150) == pytest.approx(1.5)
+    assert quality.at_step(curve, 100) == 2.0 and quality.at_step(curve, 200) == 1.0
+    assert quality.at_step(curve, 201) is None and quality.at_step([(5, 1.0, 3.0)], 5) == 3.0
+
+
 TINY_RUN = ["--dim", "16", "--depth", "1", "--batch-size", "2", "--eval-batches", "1"]
 
 
