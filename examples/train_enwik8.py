@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the table only; fixed on resume")
     p.add_argument("--light-window", type=_positive_int,
                    help="CoLT5's local attention window (default min(512, seq-len / 4)); the routing window stays "
-                        "min(128, seq-len / 4); fixed on resume")
+                        "min(128, seq-len / 4); fixed on resume; ignored with --dense")
     p.add_argument("--eval-every", type=_positive_int, help="evaluate (and checkpoint) every N steps (cpu 100, cuda 500)")
     p.add_argument("--eval-batches", type=_positive_int, help="validation batches per evaluation (cpu 8, cuda 16)")
     p.add_argument("--generate-every", type=_non_negative_int, help="print a sample every N steps, 0 = never (cpu 300, cuda 1000)")
@@ -255,8 +255,8 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
         saved = {**saved, "batch_size": resumed_batch_size(args.batch_size, saved["batch_size"], saved_world, world)}
         for key in FIXED_ON_RESUME:
             given = getattr(args, key)
-            if given is None or given == saved[key]:
-                continue
+            if given is None or given == saved[key] or (key == "light_window" and saved["dense"]):
+                continue  # (a dense model has no light window)
             if key == "steps":
                 raise RunError(
                     f"--steps {given} differs from the checkpoint's {saved[key]}: --steps is fixed on resume (the learning "
@@ -279,7 +279,9 @@ def fill_defaults(args: argparse.Namespace, device: torch.device, saved: dict | 
         args.model_args = {}
     if args.warmup is None:
         args.warmup = min(200, args.steps // 20)
-    if args.light_window is None:
+    if args.dense:
+        args.light_window = None
+    elif args.light_window is None:
         args.light_window = default_window(args.seq_len, LIGHT_WINDOW)
     return args
 

@@ -239,6 +239,14 @@ def test_checkpoint_of_the_routing_window_light_attention_resumes_with_it(tmp_pa
     resume_edited_checkpoint(script, tmp_path, [*common, "--light-window", "128"], 2, earlier_format)
     assert torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)["args"]["light_window"] == 128
 
+    def through_model_arg(state):  # and a window set by --model-arg, before the flag
+        del state["args"]["light_window"]
+        state["args"]["model_args"] = {"light_window_size": 64}
+
+    resume_edited_checkpoint(script, tmp_path / "model-arg", [*common, "--light-window", "64"], 2, through_model_arg)
+    saved = torch.load(tmp_path / "model-arg" / "stopped" / "checkpoint.pt", weights_only=True)["args"]
+    assert saved["light_window"] == 64 and saved["model_args"] == {}
+
 
 def test_flat_gradients_collect_every_gradient_in_one_buffer():
     """The captured step under DDP reduces one buffer: the first backward's gradients move into it
@@ -342,7 +350,8 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     assert checkpoint["args"]["model_args"] == args.model_args
     refused(script, ["--out", str(out), "--resume", "--model-arg", "num_heavy_ff_tokens=4"], capsys, match="--model-arg")
     capsys.readouterr()
-    script.main(["--out", str(out), "--resume", "--no-progress"])  # the saved overrides come back
+    # the saved overrides come back; a flag given as saved is accepted
+    script.main(["--out", str(out), "--resume", "--no-progress", "--light-window", "8"])
     assert "num_heavy_ff_tokens=3, light_ff_mult=1.0" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["step"] == 4
     refused(script, [*common, "--model-arg", "heads"], capsys, match="KEY=VALUE")
@@ -350,6 +359,8 @@ def test_model_arg_reaches_the_model_and_is_fixed_on_resume(tmp_path, text_file,
     refused(script, [*common, "--model-arg", "rotary_emb=False"], capsys, match="its own flag (--positions)")
     refused(script, [*common, "--model-arg", "light_window_size=8"], capsys, match="its own flag (--light-window)")
     refused(script, ["--out", str(out), "--resume", "--light-window", "4"], capsys, match="--light-window 4 differs")
+    dense = script.fill_defaults(script.parse_args([*MINI, "--light-window", "4"]), torch.device("cpu"), None)
+    assert dense.light_window is None  # a dense model has none
     refused(script, ["--out", str(out), "--resume", "--positions", "learned"], capsys, match="--positions learned differs")
     refused(script, [*common, "--model-arg", "light_ff_mult=half"], capsys, match="not a Python literal")
     refused(script, [*common, "--model-arg", "no_such_option=1", "--out", str(tmp_path / "bad")], capsys,
