@@ -49,10 +49,13 @@ def validation(out: Path) -> list[tuple[int, float, float]]:
 def at_step(curve: list[tuple[int, float, float]], step: int) -> float | None:
     """Validation bpc at `step`: linear between the evaluations on either side of it (each run
     evaluates every tenth of its own steps, so the two models' evaluations fall at other steps)."""
+    exact = [bpc for s, _, bpc in curve if s == step]
+    if exact:
+        return exact[-1]  # a run's final evaluation can repeat its last periodic one's step
     for (s0, _, b0), (s1, _, b1) in zip(curve, curve[1:]):
-        if s0 <= step <= s1:
-            return b0 if s1 == s0 else b0 + (b1 - b0) * (step - s0) / (s1 - s0)
-    return curve[-1][2] if curve and curve[-1][0] == step else None
+        if s0 < step < s1:
+            return b0 + (b1 - b0) * (step - s0) / (s1 - s0)
+    return None
 
 
 def plot(path: Path, curves: dict) -> str | None:

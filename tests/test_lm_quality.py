@@ -55,6 +55,7 @@ def test_equal_steps_interpolate_between_evaluations():
     assert quality.at_step(curve, 150) == pytest.approx(1.5)
     assert quality.at_step(curve, 100) == 2.0 and quality.at_step(curve, 200) == 1.0
     assert quality.at_step(curve, 201) is None and quality.at_step([(5, 1.0, 3.0)], 5) == 3.0
+    assert quality.at_step([*curve, (200, 21.0, 1.5)], 200) == 1.5 and quality.at_step([], 1) is None
 
 
 TINY_RUN = ["--dim", "16", "--depth", "1", "--batch-size", "2", "--eval-batches", "1"]
