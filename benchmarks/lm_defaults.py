@@ -2,7 +2,7 @@
 
     python benchmarks/lm_defaults.py                  # CUDA: seq 4096, 1500 steps each (~1 minute per variant)
     python benchmarks/lm_defaults.py --steps 3000 --variants default "lr 6e-4" dense
-    python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 -- --dim 32 --depth 1   # a smoke run
+    python benchmarks/lm_defaults.py --device cpu --seq 64 --steps 20 --variants default dense -- --dim 32 --depth 1   # a smoke run
     python benchmarks/lm_defaults.py --reuse          # a sweep split over calls: keep the runs that finished
 
 Every variant trains from the same seed for the same number of steps (so with the same schedule
