@@ -4,12 +4,12 @@
     python benchmarks/attention_tiles.py --seqs 16384 --kernels dkdv
 
 Shapes are the training example's (dim 512, depth 6, bf16) but light window 128: the light
-attention is causal local attention on the packed qkv [b, n, 3, 2, 64], window 128, one window back; the heavy one has 6
-heads of 64 on n/16 routed queries and n/8 routed key-values (8 and 16 per window of 128, sorted
-positions within each window), a null key/value, value scales and causal window slots. Each
-candidate (BLOCK_M x BLOCK_N, warps, stages) is timed for one kernel while the other two keep
-the current choice; kernel time from torch.profiler over --iters calls, and its output checked
-against the current choice's (max abs difference). The current choice is marked *.
+attention is causal local attention on the packed qkv [b, n, 3, 2, 64], window 128, one window
+back; the heavy one has 6 heads of 64 on n/16 routed queries and n/8 routed key-values (8 and
+16 per window of 128, sorted positions within each window), a null key/value, value scales and
+causal window slots. Each candidate (BLOCK_M x BLOCK_N, warps, stages) is timed for one kernel
+while the other two keep the current choice; kernel time from torch.profiler over --iters
+calls, and its output checked against the current choice's (max abs difference). The current choice is marked *.
 """
 
 from __future__ import annotations

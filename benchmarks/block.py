@@ -9,13 +9,13 @@ Block table: batch 1, dim 512, bf16 autocast, forward+backward of the output's s
 (`triton.testing.do_bench`), CUDA kernels per forward+backward and GPU-busy ms (the sum of their
 times) from torch.profiler, peak memory of a step above the input. Encoder block: 8 light + 8
 heavy heads of 64, light window 128, n/16 heavy tokens (ff, q, kv). Autoregressive block: the
-language model's layer with light window 128, light ff mult 1/2 (2 light + 6 heavy heads of 64, W/16
-queries, W/8 key-values, W/16 ff tokens per window). Dense: a pre-norm block with SDPA (flash) and ff mult 4, causal
-beside the autoregressive block. Modes: *eager*; *compiled* = torch.compile default mode;
+language model's layer with light window 128, light ff mult 1/2 (2 light + 6 heavy heads of 64,
+W/16 queries, W/8 key-values, W/16 ff tokens per window). Dense: a pre-norm block with SDPA
+(flash) and ff mult 4, causal beside the autoregressive block. Modes: *eager*; *compiled* = torch.compile default mode;
 *graphs* = torch.compile(mode="reduce-overhead") with cudagraph_mark_step_begin() each step.
 
-LM table: CoLT5LanguageModel (the training example's sizes, dim 512, depth 6, but light window 128, light ff 1/2) and its dense
-baseline, 65,536 tokens per step at several sequence lengths, AdamW, bf16 autocast; tokens/s over
+LM table: CoLT5LanguageModel (the training example's sizes, dim 512, depth 6, but light window
+128, light ff 1/2) and its dense baseline, 65,536 tokens per step at several sequence lengths, AdamW, bf16 autocast; tokens/s over
 timed steps after warm-up. Compiled = every block compiled on its own (regional compilation:
 the blocks share one compiled graph).
 """

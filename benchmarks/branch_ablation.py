@@ -56,20 +56,14 @@ def validation_bpc(model: nn.Module, batches: list[torch.Tensor], dtype: torch.d
     return total.item() / len(batches) / math.log(2)
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
 def main(argv: list[str] | None = None) -> list[tuple[str, float]]:
+    example = load_example()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="the --out directory of a CoLT5 run of examples/train_enwik8.py")
-    p.add_argument("--batches", type=positive_int, default=None,
+    p.add_argument("--batches", type=example._positive_int, default=None,
                    help="validation batches (default: the run's --eval-batches)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    example = load_example()
     state = example.load_checkpoint(args.run / example.CHECKPOINT)
     run_args = argparse.Namespace(**state["args"])
     if run_args.dense:
