@@ -1,11 +1,11 @@
 """Launch shapes of the flash-attention kernels at the language model's shapes: GPU us per call.
 
     python benchmarks/attention_tiles.py                 # seq 16384 and 4096, batch 8
-    python benchmarks/attention_tiles.py --seqs 16384 --kernels dkdv
+    python benchmarks/attention_tiles.py --seqs 16384 --kernels dkdv --light-window 128
 
-Shapes are the training example's (dim 512, depth 6, bf16) but light window 128: the light
-attention is causal local attention on the packed qkv [b, n, 3, 2, 64], window 128, one window
-back; the heavy one has 6 heads of 64 on n/16 routed queries and n/8 routed key-values (8 and
+Shapes are the training example's (dim 512, depth 6, bf16): the light attention is causal local
+attention on the packed qkv [b, n, 3, 2, 64], window --light-window (512), one window back; the
+heavy one has 6 heads of 64 on n/16 routed queries and n/8 routed key-values (8 and
 16 per window of 128, sorted positions within each window), a null key/value, value scales and
 causal window slots. Each candidate (BLOCK_M x BLOCK_N, warps, stages) is timed for one kernel
 while the other two keep the current choice; kernel time from torch.profiler over --iters
@@ -34,9 +34,9 @@ CANDIDATES = {
 KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "dq": "_attn_bwd_dq_kernel", "dkdv": "_attn_bwd_dkdv_kernel"}
 
 
-def light_inputs(b: int, n: int) -> tuple:
+def light_inputs(b: int, n: int, w: int) -> tuple:
     qkv = torch.randn(b, n, 3, 2, 64, device="cuda", dtype=torch.bfloat16)
-    args = (qkv, None, None, None, None, None, None, 64**-0.5, 128, 128, 0, 1, 0, True, False)
+    args = (qkv, None, None, None, None, None, None, 64**-0.5, w, w, 0, 1, 0, True, False)
     return args, qkv
 
 
@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--kernels", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--light-window", type=int, default=512)
     args = p.parse_args()
     original = A._configs
     chosen = original(torch.bfloat16, 64)
@@ -92,7 +93,8 @@ def main() -> None:
     print("| attention | n | kernel | BLOCK_M x BLOCK_N | warps | stages | us | max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
     for n in args.seqs:
-        for branch, make in (("light", light_inputs), ("heavy", heavy_inputs)):
+        light = lambda b, n: light_inputs(b, n, args.light_window)  # noqa: E731
+        for branch, make in (("light", light), ("heavy", heavy_inputs)):
             torch.manual_seed(0)
             inputs, q = make(args.batch, n)
             do = torch.randn(q.shape[0], q.shape[1], *q.shape[-2:], device="cuda", dtype=q.dtype)

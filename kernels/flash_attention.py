@@ -20,7 +20,11 @@ Visibility of key j to query i: j in range and kv_mask[j], then per mode
          exact_windowsize i - j <= w * look_backward (and, non-causal, j - i <= w * look_forward).
 Each program of the forward and of the dq kernel loops only over the key blocks its rows may
 see (`_kv_range`); each dk/dv program only over the query blocks that may see its keys
-(`_q_range`). A 128-query block with w = 128 and look 1/1 touches 384 keys.
+(`_q_range`). A 128-query block with w = 128 and look 1/1 touches 384 keys. Tiles that every
+row of the block may see whole (the `EVERY` ranges, by index, then per tile every key unmasked
+and, with positions, at or before the block's first query) skip the masks and the sanitising
+below: in the language model's light attention (w = 512) most tiles are such, and in the heavy
+one the tiles of earlier windows.
 
 Online softmax in fp32 (exp2, the scale folded into log2 units). The learned null key/value is
 its initial state (m = q . null_k * scale, l = 1, acc = null_v), so it is never concatenated.
@@ -36,14 +40,17 @@ where 0 * NaN would cross from an invisible pair to the visible ones:
   forward  entries where k or v * kv_scale is not finite are 0 in v and NaN in k, so the key's
            scores are NaN; a visible NaN (or +inf) score makes l_i NaN (it is at most 1 + j
            otherwise) and NaN survives every later rescale: that marks the row, o = lse = NaN
-           (also for a non-finite q, tested once per row).
-  dq       those entries are 0 in both k and v.
+           (also for a non-finite q, tested once per row). A full tile keeps its values, as
+           every row sees them: a -inf score (an infinite k) is turned NaN, and a non-finite
+           value leaves acc non-finite, which marks the row too (tested once per row).
+  dq       those entries are 0 in both k and v; a full tile's values are finite for every live
+           row (its forward saw them), and the rows that are not live are dropped.
   backward a row with lse NaN is not live: its p, ds and dq are 0, and dk/dv zero its q and do
            rows (they may hold NaN). A live row's q, o and lse are finite, so an output with a
            zero cotangent passes back exactly nothing too.
-Cost: per key tile of the forward and dq kernels abs, compare and select on the k and v tiles
-(already in registers for the mask); per query tile of dk/dv a compare and a select on the q and
-do tiles, which now pass through registers on their way to the dots (not timed on a GPU yet).
+Cost: per masked key tile of the forward and dq kernels abs, compare and select on the k and v
+tiles; per query tile of dk/dv a compare and a select on the q and do tiles, and on a full tile
+two selects of the rows that are not live instead of the mask.
 
 Backward, deterministic (no atomics): kernel 1 per query block writes delta = rowsum(do * o),
 dq and per-block partial sums of the null key/value gradients; kernel 2 per key block writes dk,
@@ -118,51 +125,68 @@ def _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg):
 
 
 @triton.jit
-def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-              EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """[lo, hi): the keys some query m0 .. m0 + BLOCK_M - 1 (< n_q) may see (in int64, so a
-    large window product cannot wrap)."""
-    m0 = m0.to(tl.int64)
-    q_last = tl.minimum(m0 + BLOCK_M, n_q) - 1
-    lo = m0 * 0
+def _kv_bounds(lo_row, hi_row, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+               EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr):
+    """[lo, hi) of keys by index: lo is query lo_row's first visible key, hi query hi_row's last
+    + 1 (in int64, so a large window product cannot wrap). Both bounds grow with the row."""
+    lo_row = lo_row.to(tl.int64)
+    hi_row = hi_row.to(tl.int64)
+    lo = lo_row * 0
     hi = lo + n_kv
     if LOCAL:
-        lo = tl.maximum((m0 // w - lb) * w, 0)
-        hi = tl.minimum((q_last // w + lf + 1) * w, n_kv)
+        lo = tl.maximum((lo_row // w - lb) * w, 0)
+        hi = tl.minimum((hi_row // w + lf + 1) * w, n_kv)
         if CAUSAL:
-            hi = tl.minimum(hi, q_last + 1)
+            hi = tl.minimum(hi, hi_row + 1)
         if EXACT:
-            lo = tl.maximum(lo, m0 - w * lb)
+            lo = tl.maximum(lo, lo_row - w * lb)
             if not CAUSAL:
-                hi = tl.minimum(hi, q_last + w * lf + 1)
+                hi = tl.minimum(hi, hi_row + w * lf + 1)
     if WINDOWED:
-        hi = tl.minimum(hi, (q_last // cq + 1) * ckv)
+        hi = tl.minimum(hi, (hi_row // cq + 1) * ckv)
         if SPAN:
-            lo = tl.maximum(lo, (m0 // cq + 1) * ckv - span)
+            lo = tl.maximum(lo, (lo_row // cq + 1) * ckv - span)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
 @triton.jit
+def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+              EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr,
+              EVERY: tl.constexpr):
+    """[lo, hi): the keys some query m0 .. m0 + BLOCK_M - 1 (< n_q) may see by index; EVERY: the
+    keys every one of them may see (empty when lo >= hi; masks and positions aside)."""
+    first = m0
+    last = tl.minimum(m0 + BLOCK_M, n_q) - 1
+    if EVERY:
+        first, last = last, first
+    return _kv_bounds(first, last, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN)
+
+
+@triton.jit
 def _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-             EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi): the queries that may see some key n0 .. n0 + BLOCK_N - 1 (< n_kv)."""
-    n0 = n0.to(tl.int64)
-    k_last = tl.minimum(n0 + BLOCK_N, n_kv) - 1
-    lo = n0 * 0
+             EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_N: tl.constexpr,
+             EVERY: tl.constexpr):
+    """[lo, hi): the queries that may see some key n0 .. n0 + BLOCK_N - 1 (< n_kv) by index;
+    EVERY: those that may see every one of them."""
+    lo_key = n0.to(tl.int64)
+    hi_key = (tl.minimum(n0 + BLOCK_N, n_kv) - 1).to(tl.int64)
+    if EVERY:
+        lo_key, hi_key = hi_key, lo_key
+    lo = lo_key * 0
     hi = lo + n_q
     if LOCAL:
-        lo = tl.maximum((n0 // w - lf) * w, 0)
-        hi = tl.minimum((k_last // w + lb + 1) * w, n_q)
+        lo = tl.maximum((lo_key // w - lf) * w, 0)
+        hi = tl.minimum((hi_key // w + lb + 1) * w, n_q)
         if CAUSAL:
-            lo = tl.maximum(lo, n0)
+            lo = tl.maximum(lo, lo_key)
         if EXACT:
-            hi = tl.minimum(hi, k_last + w * lb + 1)
+            hi = tl.minimum(hi, hi_key + w * lb + 1)
             if not CAUSAL:
-                lo = tl.maximum(lo, n0 - w * lf)
+                lo = tl.maximum(lo, lo_key - w * lf)
     if WINDOWED:
-        lo = tl.maximum(lo, (n0 // ckv) * cq)
-        if SPAN:  # the last query window that reaches back to k_last: (k_last + span) // ckv - 1
-            hi = tl.minimum(hi, ((k_last + span) // ckv) * cq)
+        lo = tl.maximum(lo, (lo_key // ckv) * cq)
+        if SPAN:  # the last query window that reaches back to hi_key: (hi_key + span) // ckv - 1
+            hi = tl.minimum(hi, ((hi_key + span) // ckv) * cq)
     return lo.to(tl.int32), hi.to(tl.int32)
 
 
@@ -193,22 +217,31 @@ def _visible(qi, kj, q_ok, k_ok, qpos, kpos, w, lb, lf, cq, ckv, span, LOCAL: tl
 
 @triton.jit
 def _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, kj, offs_d, s_kj, n_kv, lo, hi, qpos_max,
-               HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr,
+               qpos_min, full, HAS_SCALE: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_POS: tl.constexpr,
                SANITIZE: tl.constexpr):
     """Key rows kj [BLOCK_N] of one head -> (k, v, v_eff = v * kv_scale, kv_scale (fp32), ok,
-    kpos). ok: some query of the block may see the key (in [lo, hi), unmasked, kv_pos <= the
+    kpos, full). ok: some query of the block may see the key (in [lo, hi), unmasked, kv_pos <= the
     block's largest q_pos); k, v, v_eff rows are 0 where not ok, whatever memory holds.
-    SANITIZE (for the kernels that contract over keys: p @ v, ds @ k): v_eff is also 0 at every
-    entry where k or v_eff is not finite, so that 0 * NaN never reaches a query that cannot see
-    the key; k is NaN there (1, the forward: the key's scores turn NaN, and so does the output
-    of every query that may see it) or 0 (2, the dq kernel: such queries have lse NaN already).
+    full (a scalar, the tile inside the block's `EVERY` range; SANITIZE only) stays true if every
+    key is also unmasked and at a kv_pos <= the block's smallest q_pos: every query of the block
+    may see every key, and the kernels skip the masks.
+    SANITIZE (for the kernels that contract over keys: p @ v, ds @ k), on tiles that are not
+    full: v_eff is also 0 at every entry where k or v_eff is not finite, so that 0 * NaN never
+    reaches a query that cannot see the key; k is NaN there (1, the forward: the key's scores
+    turn NaN, and so does the output of every query that may see it) or 0 (2, the dq kernel:
+    such queries have lse NaN already). A full tile keeps its values: every query sees them.
     One helper per key block: under the interpreter every @triton.jit call costs ~0.2 ms."""
     ok = (kj >= lo) & (kj < hi)
     if HAS_MASK:
-        ok = ok & (tl.load(KV_MASK + meta_off + kj, mask=ok, other=0) != 0)
+        unmasked = tl.load(KV_MASK + meta_off + kj, mask=ok, other=0) != 0
+        ok = ok & unmasked
+        if SANITIZE:
+            full = full & (tl.min(unmasked.to(tl.int32), axis=0) > 0)
     kpos = kj
     if CAUSAL_POS:
         kpos = tl.load(KV_POS + meta_off + kj, mask=ok, other=0)
+        if SANITIZE:
+            full = full & (tl.max(kpos, axis=0) <= qpos_min)
         ok = ok & (kpos <= qpos_max)
     ptr = kv_off + kj[:, None] * s_kj + offs_d[None, :]
     k_in = (kj < n_kv)[:, None]
@@ -221,13 +254,14 @@ def _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, kj, offs_d, s_
         v_eff = v
         if HAS_SCALE:
             v_eff = (v.to(tl.float32) * sc[:, None]).to(v.dtype)
-        fin = (tl.abs(k) < float("inf")) & (tl.abs(v_eff) < float("inf"))
-        keep = ok[:, None] & fin
-        v_eff = tl.where(keep, v_eff, tl.zeros_like(v_eff))
-        if SANITIZE == 1:
-            k = tl.where(ok[:, None], tl.where(fin, k, float("nan")), tl.zeros_like(k))
-        else:
-            k = tl.where(keep, k, tl.zeros_like(k))
+        if not full:
+            fin = (tl.abs(k) < float("inf")) & (tl.abs(v_eff) < float("inf"))
+            keep = ok[:, None] & fin
+            v_eff = tl.where(keep, v_eff, tl.zeros_like(v_eff))
+            if SANITIZE == 1:
+                k = tl.where(ok[:, None], tl.where(fin, k, float("nan")), tl.zeros_like(k))
+            else:
+                k = tl.where(keep, k, tl.zeros_like(k))
         v = v_eff  # the raw v is not needed where keys are sanitized
     else:
         k = tl.where(ok[:, None], k, tl.zeros_like(k))
@@ -235,7 +269,7 @@ def _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, kj, offs_d, s_
         v_eff = v
         if HAS_SCALE:
             v_eff = (v.to(tl.float32) * sc[:, None]).to(v.dtype)
-    return k, v, v_eff, sc, ok, kpos
+    return k, v, v_eff, sc, ok, kpos, full
 
 
 @triton.jit
@@ -248,28 +282,30 @@ def _load_null(NULL, h, H, offs_d, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS: tl.constexpr):
-    """(positions of the rows, the largest position of the block's real rows)."""
+    """(positions of the rows, the largest and the smallest position of the block's real rows)."""
     qpos = offs_m
     qpos_max = n_q * 0
+    qpos_min = qpos_max
     if CAUSAL_POS:
         qpos = tl.load(Q_POS + b * n_q + offs_m, mask=q_ok, other=0)
         qpos_max = tl.max(tl.where(q_ok, qpos, -4611686018427387904), axis=0)
-    return qpos, qpos_max
+        qpos_min = tl.min(tl.where(q_ok, qpos, 4611686018427387904), axis=0)
+    return qpos, qpos_max, qpos_min
 
 
 @triton.jit
 def _ranges_kernel(OUT, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
                    EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, FOR_KEYS: tl.constexpr):
+                   BLOCK_N: tl.constexpr, FOR_KEYS: tl.constexpr, EVERY: tl.constexpr):
     """Test hook: OUT[block] = [lo, hi) of `_kv_range` per query block (FOR_KEYS: of `_q_range`
-    per key block), the bounds the kernels loop over."""
+    per key block), the bounds the kernels loop over (EVERY: those of the unmasked tiles)."""
     pid = tl.program_id(0)
     if FOR_KEYS:
         lo, hi = _q_range(pid * BLOCK_N, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
-                          BLOCK_N)
+                          BLOCK_N, EVERY)
     else:
         lo, hi = _kv_range(pid * BLOCK_M, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
-                           BLOCK_M)
+                           BLOCK_M, EVERY)
     tl.store(OUT + 2 * pid, lo)
     tl.store(OUT + 2 * pid + 1, hi)
 
@@ -297,8 +333,10 @@ def _attn_fwd_kernel(
     q_ok = offs_m < n_q
     q = tl.load(Q + q_off + offs_m[:, None] * s_qi + offs_d[None, :], mask=q_ok[:, None], other=0.0)
     q_bad = tl.max(tl.where(tl.abs(q) < float("inf"), 0, 1), axis=1) > 0  # a non-finite q: NaN out
-    qpos, qpos_max = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
-    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_M)
+    qpos, qpos_max, qpos_min = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
+    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_M, False)
+    every_lo, every_hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
+                                   BLOCK_M, True)
 
     if HAS_NULL:  # the null key/value is the online softmax's initial state
         nk, nv = _load_null(NULL, h, H, offs_d, HEAD_DIM)
@@ -313,13 +351,18 @@ def _attn_fwd_kernel(
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, _v, v_eff, _sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
-                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS, 1)
+        full = (start_n >= every_lo) & (start_n + BLOCK_N <= every_hi)
+        k, _v, v_eff, _sc, k_ok, kpos, full = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n,
+                                                         offs_d, s_kj, n_kv, lo, hi, qpos_max, qpos_min, full,
+                                                         HAS_SCALE, HAS_MASK, CAUSAL_POS, 1)
         s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
-        vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
-                       kpos[None, :], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
-        # NaN scores (a non-finite k or value) stay where visible: they turn l_i NaN below.
-        s = tl.where(vis, s, float("-inf"))
+        if full:  # every pair visible; an infinite k's -inf score must mark the row as a NaN one does
+            s = tl.where(s == float("-inf"), float("nan"), s)
+        else:
+            vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
+                           kpos[None, :], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
+            # NaN scores (a non-finite k or value) stay where visible: they turn l_i NaN below.
+            s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: no NaN from -inf - -inf
         alpha = tl.exp2(m_i - m_use)
@@ -329,8 +372,10 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     # l_i is NaN (or inf) once a visible score was NaN or +inf (exp2(NaN) and inf - inf are NaN,
-    # and NaN survives every later rescale), never otherwise: it is at most 1 + n_kv.
-    poisoned = q_bad | ~(l_i < float("inf"))
+    # and NaN survives every later rescale), never otherwise: it is at most 1 + n_kv. A full
+    # tile's non-finite value (kept: every query sees it) makes acc non-finite instead.
+    acc_bad = tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1) > 0
+    poisoned = q_bad | ~(l_i < float("inf")) | acc_bad
     seen = l_i > 0.0
     l_safe = tl.where(seen & ~poisoned, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -371,21 +416,29 @@ def _attn_bwd_dq_kernel(
     # Live rows take part in the backward: those whose output is not NaN (lse NaN marks it; a
     # live row's q, o and lse are finite). The others pass back nothing, whatever they hold.
     live = q_ok & (lse == lse)
-    qpos, qpos_max = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
-    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_M)
+    qpos, qpos_max, qpos_min = _load_q_meta(Q_POS, b, n_q, offs_m, q_ok, CAUSAL_POS)
+    lo, hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_M, False)
+    every_lo, every_hi = _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
+                                   BLOCK_M, True)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, _v, v_eff, _sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
-                                                   s_kj, n_kv, lo, hi, qpos_max, HAS_SCALE, HAS_MASK, CAUSAL_POS, 2)
+        full = (start_n >= every_lo) & (start_n + BLOCK_N <= every_hi)
+        k, _v, v_eff, _sc, k_ok, kpos, full = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n,
+                                                         offs_d, s_kj, n_kv, lo, hi, qpos_max, qpos_min, full,
+                                                         HAS_SCALE, HAS_MASK, CAUSAL_POS, 2)
         s = tl.dot(q.to(DOT), tl.trans(k).to(DOT), input_precision=PRECISION) * qk_scale
-        vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
-                       kpos[None, :], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do.to(DOT), tl.trans(v_eff).to(DOT), input_precision=PRECISION)
-        ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
+        if full:  # a live row sees only finite keys; the others' rows are dropped below
+            ds = p * (dp - delta[:, None])
+        else:
+            vis = _visible(offs_m[:, None], offs_n[None, :], q_ok[:, None], k_ok[None, :], qpos[:, None],
+                           kpos[None, :], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
+            p = tl.where(vis, p, 0.0)
+            ds = tl.where(vis, p * (dp - delta[:, None]), 0.0)
         dq += tl.dot(ds.to(k.dtype).to(DOT), k.to(DOT), input_precision=PRECISION)
 
     if HAS_NULL:
@@ -423,9 +476,15 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_in = offs_n < n_kv
-    k, v, v_eff, sc, k_ok, kpos = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d, s_kj,
-                                             n_kv, 0, n_kv, 4611686018427387904, HAS_SCALE, HAS_MASK, CAUSAL_POS, 0)
-    lo, hi = _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_N)
+    k, v, v_eff, sc, k_ok, kpos, _full = _load_keys(K, V, KV_SCALE, KV_MASK, KV_POS, kv_off, meta_off, offs_n, offs_d,
+                                                    s_kj, n_kv, 0, n_kv, 4611686018427387904, 0, False, HAS_SCALE,
+                                                    HAS_MASK, CAUSAL_POS, 0)
+    kpos_max = n_kv * 0
+    if CAUSAL_POS:
+        kpos_max = tl.max(tl.where(k_ok, kpos, -4611686018427387904), axis=0)  # of the keys that count
+    lo, hi = _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN, BLOCK_N, False)
+    every_lo, every_hi = _q_range(n0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN,
+                                  BLOCK_N, True)
 
     # Transposed tiles ([keys, queries]): the dots then need no transposed accumulators.
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -445,14 +504,25 @@ def _attn_bwd_dkdv_kernel(
         q = tl.where(q_ok[:, None], q, tl.zeros_like(q))
         do = tl.where(q_ok[:, None], do, tl.zeros_like(do))
         delta = tl.load(DELTA + stat, mask=q_ok, other=0.0)
-        qpos, _qmax = _load_q_meta(Q_POS, b, n_q, offs_m, q_in, CAUSAL_POS)
+        qpos, _qmax, qpos_min = _load_q_meta(Q_POS, b, n_q, offs_m, q_in, CAUSAL_POS)
+        # Every live query of a full tile sees every key of the block (keys that are not ok are
+        # dropped at the end): only the rows that are not live need selecting away.
+        full = (start_m >= every_lo) & (start_m + BLOCK_M <= every_hi)
+        if CAUSAL_POS:
+            full = full & (kpos_max <= qpos_min)
         s_t = tl.dot(k.to(DOT), tl.trans(q).to(DOT), input_precision=PRECISION) * qk_scale
-        vis_t = _visible(offs_m[None, :], offs_n[:, None], q_ok[None, :], k_ok[:, None], qpos[None, :],
-                         kpos[:, None], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED, SPAN)
-        p_t = tl.where(vis_t, tl.exp2(s_t - lse[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype).to(DOT), do.to(DOT), input_precision=PRECISION)
+        p_t = tl.exp2(s_t - lse[None, :])
         dp_t = tl.dot(v_eff.to(DOT), tl.trans(do).to(DOT), input_precision=PRECISION)
-        ds_t = tl.where(vis_t, p_t * (dp_t - delta[None, :]), 0.0)
+        if full:
+            p_t = tl.where(q_ok[None, :], p_t, 0.0)
+            ds_t = tl.where(q_ok[None, :], p_t * (dp_t - delta[None, :]), 0.0)
+        else:
+            vis_t = _visible(offs_m[None, :], offs_n[:, None], q_ok[None, :], k_ok[:, None], qpos[None, :],
+                             kpos[:, None], w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, CAUSAL_POS, WINDOWED,
+                             SPAN)
+            p_t = tl.where(vis_t, p_t, 0.0)
+            ds_t = tl.where(vis_t, p_t * (dp_t - delta[None, :]), 0.0)
+        dv += tl.dot(p_t.to(do.dtype).to(DOT), do.to(DOT), input_precision=PRECISION)
         dk += tl.dot(ds_t.to(q.dtype).to(DOT), q.to(DOT), input_precision=PRECISION)
 
     if HAS_SCALE:
@@ -607,12 +677,13 @@ def attention_bwd(do, q, kv, null_kv, kv_scale, kv_mask, q_pos, kv_pos, o, lse, 
     return dq_full, dkv, dnull, dscale
 
 
-def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: bool = False,
+def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: bool = False, every: bool = False,
                  window: tuple[int, int, int, bool, bool] | None = None,
                  window_slots: tuple[int, int] | None = None, kv_span: int | None = None,
                  device: str | torch.device = "cpu") -> Tensor:
     """int32 [blocks, 2]: the [lo, hi) the kernels compute for each query block (for_keys: the
-    query range of each key block). window = (w, look_backward, look_forward, causal, exact)
+    query range of each key block); every: the range each row (column) of the block may see
+    whole, where tiles go unmasked. window = (w, look_backward, look_forward, causal, exact)
     for the local mode, window_slots = (Cq, Ckv) for the heavy windowed mode, with kv_span
     optionally. For tests."""
     blocks = triton.cdiv(n_kv if for_keys else n_q, block_n if for_keys else block_m)
@@ -622,7 +693,7 @@ def block_ranges(n_q: int, n_kv: int, *, block_m: int, block_n: int, for_keys: b
     _ranges_kernel[(blocks,)](
         out, n_q, n_kv, w, lb, lf, cq, ckv, kv_span or 0, LOCAL=window is not None, CAUSAL=bool(causal),
         EXACT=bool(exact), WINDOWED=window_slots is not None, SPAN=window_slots is not None and kv_span is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, FOR_KEYS=for_keys,
+        BLOCK_M=block_m, BLOCK_N=block_n, FOR_KEYS=for_keys, EVERY=every,
     )
     return out
 

@@ -316,6 +316,8 @@ LOCAL_CASES = [  # n, w, causal, look_backward, look_forward, exact, masked, blo
     (90, 10, False, 0, 2, True, True, (32, 16)),
     (129, 32, True, 0, 0, False, True, (32, 32)),
     (2, 4, False, 1, 1, False, False, None),
+    (200, 64, True, 1, 0, False, False, (16, 16)),  # unmasked tiles inside the windows
+    (130, 32, False, 1, 1, False, False, (16, 16)),
 ]
 
 
@@ -456,6 +458,19 @@ def _covered(ranges, allowed, block, for_keys):
     return [hi - lo for lo, hi in ranges.tolist()]
 
 
+def _whole(ranges, allowed, block, for_keys):
+    """Each block's `every` range is exactly what every one of its rows may see (where the
+    kernels skip the masks); returns how many blocks have one."""
+    nonempty = 0
+    for blk, (lo, hi) in enumerate(ranges.tolist()):
+        rows = slice(blk * block, (blk + 1) * block)
+        sub = allowed[:, rows].T if for_keys else allowed[rows]
+        seen_by_all = sub.all(0).nonzero().flatten().tolist()
+        assert seen_by_all == list(range(lo, hi)), f"block {blk}: [{lo}, {hi}) but every row sees {seen_by_all}"
+        nonempty += hi > lo
+    return nonempty
+
+
 @pytest.mark.parametrize(
     "n,w,lb,lf,causal,exact",
     [(1024, 128, 1, 1, False, False), (1000, 48, 2, 0, True, False), (513, 100, 0, 2, False, True),
@@ -468,6 +483,10 @@ def test_local_block_ranges_cover_and_stay_local(n, w, lb, lf, causal, exact):
     kr = block_ranges(n, n, block_m=bm, block_n=bn, window=(w, lb, lf, causal, exact), for_keys=True)
     widths = _covered(qr, allowed, bm, False)
     _covered(kr, allowed, bn, True)
+    every = dict(block_m=bm, block_n=bn, window=(w, lb, lf, causal, exact), every=True)
+    whole = _whole(block_ranges(n, n, **every), allowed, bm, False) + _whole(block_ranges(n, n, for_keys=True, **every),
+                                                                              allowed, bn, True)
+    assert whole or w < bm, "no block with tiles every row sees"
     span = bm - 1 + (lb + lf + 1) * w + w  # what a block's rows can reach
     assert max(widths) <= min(n, span)
     if (n, w, lb, lf) == (1024, 128, 1, 1):
@@ -482,6 +501,9 @@ def test_heavy_block_ranges_skip_later_windows():
     kr = block_ranges(i, j, block_m=64, block_n=64, window_slots=(cq, ckv), for_keys=True)
     _covered(qr, allowed, 64, False)
     _covered(kr, allowed, 64, True)
+    every = dict(block_m=64, block_n=64, window_slots=(cq, ckv), every=True)
+    assert _whole(block_ranges(i, j, **every), allowed, 64, False) >= 3
+    assert _whole(block_ranges(i, j, for_keys=True, **every), allowed, 64, True) >= 3
     assert qr[0].tolist() == [0, 7 * ckv]  # queries 0..63 lie in windows 0..6
     assert kr[-1].tolist() == [(192 // ckv) * cq, i]
 
@@ -496,6 +518,9 @@ def test_heavy_block_ranges_with_a_span():
     kr = block_ranges(i, j, block_m=64, block_n=64, window_slots=(cq, ckv), kv_span=span, for_keys=True)
     widths = _covered(qr, allowed, 64, False)
     _covered(kr, allowed, 64, True)
+    every = dict(block_m=64, block_n=64, window_slots=(cq, ckv), kv_span=span, every=True)
+    _whole(block_ranges(i, j, **every), allowed, 64, False)
+    _whole(block_ranges(i, j, for_keys=True, **every), allowed, 64, True)
     assert qr[1].tolist() == [(6 + 1) * ckv - span, (12 + 1) * ckv]  # queries 64..127: windows 6..12
     assert kr[0].tolist() == [0, ((63 + span) // ckv) * cq]  # key 63 is seen up to window 11
     assert max(widths) == span + 7 * ckv  # 64 queries touch at most 8 windows of 10 (128..191)

@@ -76,6 +76,9 @@ LOCAL_CASES = {  # n, w, causal, lb, lf, exact, masked, planted real positions, 
     "causal-masked-exact": (45, 8, True, 2, 0, True, True, (13, 30), (16, 16)),
     "bidir-masked": (50, 8, False, 1, 1, False, True, (25,), (32, 16)),
     "bidir-exact-default-blocks": (60, 12, False, 1, 1, True, True, (41,), None),
+    # unmasked windows of two tiles: the planted keys lie in tiles every query of a block sees
+    "causal-full-tiles": (64, 32, True, 1, 0, False, False, (5, 20, 40), (16, 16)),
+    "bidir-full-tiles": (64, 16, False, 1, 1, False, False, (30,), (16, 16)),
 }
 
 
@@ -105,6 +108,21 @@ def test_local_bad_values_stay_out(case, backend, force_blocks):
                 (b, n, h, dh), f"{case} {backend}")
 
 
+@pytest.mark.parametrize("value", BAD)
+def test_local_bad_key_alone_in_a_full_tile(value, force_blocks):
+    """A non-finite k with a finite v, in a tile that every query of later blocks sees whole: an
+    infinite entry gives some queries a score of -inf, and those must be NaN too."""
+    force_blocks(16, 16)
+    b, n, h, dh, w = 1, 64, 2, 16, 32
+    qkv = torch.randn(b, n, 3, h, dh)
+    poisoned = qkv.clone()
+    poisoned[:, 5, 1, :, 3] = value  # k of position 5, both heads
+    affected = local_allowed(n, w, 1, 0, True, False)[:, 5][None, :, None].expand(b, n, h)
+    kw = dict(window_size=w, causal=True, look_backward=1)
+    check_exact(lambda t: local_attention_packed(t, backend="triton", **kw), [qkv], [poisoned], affected,
+                (b, n, h, dh), f"k = {value}")
+
+
 # ---------------------------------------------------------------------------------------------
 # the heavy (routed) attention
 
@@ -130,10 +148,12 @@ def heavy_setup(b, i, j, r, g, dh, *, causal: bool, slots: tuple[int, int] | Non
     return q, kv, null_kv, kv_scale, opts
 
 
-HEAVY_CASES = {  # b, i, j, r, g, causal, slots, blocks
-    "mask": (2, 30, 40, 2, 1, False, None, (16, 16)),
-    "causal-slots-small-blocks": (1, 48, 56, 1, 2, True, (6, 7), (16, 16)),
-    "causal-slots-r2": (2, 40, 45, 2, 1, True, (5, 5), None),
+HEAVY_CASES = {  # b, i, j, r, g, causal, slots, blocks, masked
+    "mask": (2, 30, 40, 2, 1, False, None, (16, 16), True),
+    "causal-slots-small-blocks": (1, 48, 56, 1, 2, True, (6, 7), (16, 16), True),
+    "causal-slots-r2": (2, 40, 45, 2, 1, True, (5, 5), None, True),
+    # no mask: earlier windows' key tiles are ones every query of a later block sees
+    "causal-slots-unmasked": (1, 48, 56, 1, 2, True, (6, 7), (16, 16), False),
 }
 
 
@@ -143,12 +163,12 @@ def test_heavy_bad_values_stay_out(case, backend, force_blocks):
     """NaN / inf in k, v and kv_scale of masked keys and of real keys in the middle of the
     sequence (causal: visible to the later queries of a block, not to its earlier ones), and in q
     of a few queries: unaffected queries' outputs and every gradient unchanged."""
-    b, i, j, r, g, causal, slots, blocks = HEAVY_CASES[case]
+    b, i, j, r, g, causal, slots, blocks, masked = HEAVY_CASES[case]
     if blocks:
         force_blocks(*blocks)
     dh, h = 16, r * g
     q, kv, null_kv, kv_scale, opts = heavy_setup(b, i, j, r, g, dh, causal=causal, slots=slots, seed=i + j)
-    mask = opts["kv_mask"]
+    mask = opts["kv_mask"] if masked else opts.pop("kv_mask") | True
     bad = ~mask  # [b, r, j]
     real_bad = torch.zeros_like(bad)
     real_bad[:, :, j // 2] = real_bad[:, :, j // 3] = True  # causal: seen by the queries after them
