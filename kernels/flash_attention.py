@@ -22,8 +22,8 @@ Each program of the forward and of the dq kernel loops only over the key blocks 
 see (`_kv_range`); each dk/dv program only over the query blocks that may see its keys
 (`_q_range`). A 128-query block with w = 128 and look 1/1 touches 384 keys. Tiles that every
 row of the block may see whole (the `EVERY` ranges, by index, then per tile every key unmasked
-and, with positions, at or before the block's first query) skip the masks and the sanitising
-below: in the language model's light attention (w = 512) most tiles are such, and in the heavy
+and, with positions, at or before the block's smallest query position) skip the masks and the
+sanitising below: in the language model's light attention (w = 512) most tiles are such, and in the heavy
 one the tiles of earlier windows.
 
 Online softmax in fp32 (exp2, the scale folded into log2 units). The learned null key/value is
@@ -36,21 +36,27 @@ A query whose q, or a visible key's k or value (times kv_scale), holds a NaN or 
 a constant: no gradient goes back through it. Scores, probabilities and ds of invisible pairs
 are selected away with tl.where, never multiplied by a mask, and no non-finite entry is an
 operand of a dot that contracts over the other side's rows (p @ v, ds @ k, p^T @ do, ds^T @ q),
-where 0 * NaN would cross from an invisible pair to the visible ones:
+where 0 * NaN would cross from an invisible pair to the visible ones (except in whole tiles,
+which hold no invisible pair). The null value counts as a visible key: a non-finite one marks
+every query of its head.
   forward  entries where k or v * kv_scale is not finite are 0 in v and NaN in k, so the key's
            scores are NaN; a visible NaN (or +inf) score makes l_i NaN (it is at most 1 + j
            otherwise) and NaN survives every later rescale: that marks the row, o = lse = NaN
            (also for a non-finite q, tested once per row). A full tile keeps its values, as
            every row sees them: a -inf score (an infinite k) is turned NaN, and a non-finite
-           value leaves acc non-finite, which marks the row too (tested once per row).
+           value leaves acc non-finite, which marks the row too (tested once per row). A finite
+           q . k beyond fp32's range marks the row as well (+inf scores in any tile, -inf ones
+           in whole tiles).
   dq       those entries are 0 in both k and v; a full tile's values are finite for every live
            row (its forward saw them), and the rows that are not live are dropped.
-  backward a row with lse NaN is not live: its p, ds and dq are 0, and dk/dv zero its q and do
-           rows (they may hold NaN). A live row's q, o and lse are finite, so an output with a
+  backward a row with lse NaN is not live: its dq is 0 (its p and ds are 0 too, but in the dq
+           kernel's whole tiles, where they only reach its own dq row), and dk/dv zero its q and do
+           rows (they may hold NaN) and select its p and ds away. A live row's q, o and lse are finite, so an output with a
            zero cotangent passes back exactly nothing too.
-Cost: per masked key tile of the forward and dq kernels abs, compare and select on the k and v
-tiles; per query tile of dk/dv a compare and a select on the q and do tiles, and on a full tile
-two selects of the rows that are not live instead of the mask.
+Cost: per key tile that is not whole, in the forward and dq kernels, abs, compare and select on
+the k and v tiles; per whole tile of the forward a compare and a select on the scores, and per
+row one check of acc; per query tile of dk/dv a compare and a select on the q and do tiles, and
+on a whole tile two selects of the rows that are not live instead of the mask.
 
 Backward, deterministic (no atomics): kernel 1 per query block writes delta = rowsum(do * o),
 dq and per-block partial sums of the null key/value gradients; kernel 2 per key block writes dk,
@@ -581,8 +587,9 @@ class _Plan:
         self.null = null_kv.contiguous() if null_kv is not None else dummy
         self.scale_t = kv_scale.contiguous() if kv_scale is not None else dummy
         self.mask = kv_mask.contiguous().view(torch.uint8) if kv_mask is not None else dummy
-        self.q_pos = q_pos.contiguous() if q_pos is not None else dummy
-        self.kv_pos = kv_pos.contiguous() if kv_pos is not None else dummy
+        # int64: the kernels compare positions with +-2^62 sentinels
+        self.q_pos = q_pos.contiguous().long() if q_pos is not None else dummy
+        self.kv_pos = kv_pos.contiguous().long() if kv_pos is not None else dummy
         self.sm_scale = float(scale)
         self.qk_scale = float(scale) * LOG2E
         if self.local:

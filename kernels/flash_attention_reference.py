@@ -10,7 +10,7 @@ A query with nothing visible (no null key, no visible key) outputs zeros with ze
 
 Non-finite values (the kernels' rule, exact per query): a query whose own q holds a NaN or inf,
 or that may see a key whose k or value (times kv_scale) holds one, outputs NaN, a constant: no
-gradient flows back through it. Every other output and gradient is exactly what it would be
+gradient flows back through it. The null value is such a key for every query of its head. Every other output and gradient is exactly what it would be
 with any finite numbers in the keys it may not see (masked, causally later, outside its window):
 those are selected away before any product, never multiplied by 0, since 0 * NaN is NaN.
 """
@@ -126,6 +126,7 @@ def attention_reference(
         nv = null_kv[1].to(acc).view(r, g, dh)
         null_sim = torch.einsum("brgid,rgd->brgi", qh, nk) * scale
         row_max = torch.maximum(row_max, null_sim)
+        poisoned = poisoned | ~torch.isfinite(nv).all(-1)[None, :, :, None]  # every query sees it
     # The softmax does not depend on the shift; an empty row (max -inf) shifts by 0.
     shift = torch.where(torch.isfinite(row_max), row_max, 0.0).detach()
     p = torch.exp(sim - shift[..., None])  # exactly 0 where invisible

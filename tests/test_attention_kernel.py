@@ -225,6 +225,29 @@ def test_heavy_triton_bf16():
     assert grads[0].dtype == grads[1].dtype == torch.bfloat16
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_non_finite_null_value_marks_its_heads_queries(backend, force_blocks):
+    """The null key/value is visible to every query: an inf in head 1's null value makes every
+    output of head 1 NaN, in whole tiles and in masked ones, and leaves the other heads alone."""
+    force_blocks(16, 16)
+    q, kv, opts = heavy_inputs(1, 40, 50, 1, 2, 16, null=True, causal=True, slots=(5, 6), seed=5)
+    clean = attention(q, kv, backend=backend, **opts)
+    opts["null_kv"] = opts["null_kv"].clone()
+    opts["null_kv"][1, 1, 3] = float("inf")
+    out = attention(q, kv, backend=backend, **opts)
+    assert torch.isnan(out[:, :, 1]).all()
+    assert torch.equal(out[:, :, 0], clean[:, :, 0])
+
+
+def test_int32_positions_equal_int64(force_blocks):
+    force_blocks(16, 16)
+    q, kv, opts = heavy_inputs(1, 40, 50, 1, 2, 16, null=True, causal=True, slots=(5, 6), seed=6)
+    out = attention(q, kv, backend="triton", **opts)
+    narrow = dict(opts, q_pos=opts["q_pos"].int(), kv_pos=opts["kv_pos"].int())
+    assert torch.equal(attention(q, kv, backend="triton", **narrow), out)
+
+
 def test_heavy_backward_is_deterministic():
     q, kv, opts = heavy_inputs(1, 40, 50, 1, 2, 16, null=True, scale=True, seed=2)
     cot = torch.randn(q.shape)
@@ -318,6 +341,8 @@ LOCAL_CASES = [  # n, w, causal, look_backward, look_forward, exact, masked, blo
     (2, 4, False, 1, 1, False, False, None),
     (200, 64, True, 1, 0, False, False, (16, 16)),  # unmasked tiles inside the windows
     (130, 32, False, 1, 1, False, False, (16, 16)),
+    (120, 39, True, 2, 0, True, False, (16, 16)),  # whole-tile bounds off the block multiples
+    (120, 39, False, 2, 1, True, False, (16, 16)),
 ]
 
 

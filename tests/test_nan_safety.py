@@ -108,15 +108,16 @@ def test_local_bad_values_stay_out(case, backend, force_blocks):
                 (b, n, h, dh), f"{case} {backend}")
 
 
+@pytest.mark.parametrize("part", [1, 2], ids=["k", "v"])
 @pytest.mark.parametrize("value", BAD)
-def test_local_bad_key_alone_in_a_full_tile(value, force_blocks):
-    """A non-finite k with a finite v, in a tile that every query of later blocks sees whole: an
-    infinite entry gives some queries a score of -inf, and those must be NaN too."""
+def test_local_bad_key_alone_in_a_full_tile(value, part, force_blocks):
+    """A non-finite k (v finite) or v (k finite), in a tile that every query of later blocks sees
+    whole: an infinite k entry gives some queries a score of -inf, and those must be NaN too."""
     force_blocks(16, 16)
     b, n, h, dh, w = 1, 64, 2, 16, 32
     qkv = torch.randn(b, n, 3, h, dh)
     poisoned = qkv.clone()
-    poisoned[:, 5, 1, :, 3] = value  # k of position 5, both heads
+    poisoned[:, 5, part, :, 3] = value  # k or v of position 5, both heads
     affected = local_allowed(n, w, 1, 0, True, False)[:, 5][None, :, None].expand(b, n, h)
     kw = dict(window_size=w, causal=True, look_backward=1)
     check_exact(lambda t: local_attention_packed(t, backend="triton", **kw), [qkv], [poisoned], affected,
@@ -168,7 +169,7 @@ def test_heavy_bad_values_stay_out(case, backend, force_blocks):
         force_blocks(*blocks)
     dh, h = 16, r * g
     q, kv, null_kv, kv_scale, opts = heavy_setup(b, i, j, r, g, dh, causal=causal, slots=slots, seed=i + j)
-    mask = opts["kv_mask"] if masked else opts.pop("kv_mask") | True
+    mask = opts["kv_mask"] if masked else torch.ones_like(opts.pop("kv_mask"))
     bad = ~mask  # [b, r, j]
     real_bad = torch.zeros_like(bad)
     real_bad[:, :, j // 2] = real_bad[:, :, j // 3] = True  # causal: seen by the queries after them
