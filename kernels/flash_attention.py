@@ -23,8 +23,8 @@ see (`_kv_range`); each dk/dv program only over the query blocks that may see it
 (`_q_range`). A 128-query block with w = 128 and look 1/1 touches 384 keys. Tiles that every
 row of the block may see whole (the `EVERY` ranges, by index, then per tile every key unmasked
 and, with positions, at or before the block's smallest query position) skip the masks and the
-sanitising below: in the language model's light attention (w = 512) most tiles are such, and in the heavy
-one the tiles of earlier windows.
+sanitising below: in the language model's light attention (w = 512) most tiles are such, and
+in the heavy one the tiles of earlier windows.
 
 Online softmax in fp32 (exp2, the scale folded into log2 units). The learned null key/value is
 its initial state (m = q . null_k * scale, l = 1, acc = null_v), so it is never concatenated.
@@ -49,10 +49,11 @@ every query of its head.
            in whole tiles).
   dq       those entries are 0 in both k and v; a full tile's values are finite for every live
            row (its forward saw them), and the rows that are not live are dropped.
-  backward a row with lse NaN is not live: its dq is 0 (its p and ds are 0 too, but in the dq
-           kernel's whole tiles, where they only reach its own dq row), and dk/dv zero its q and do
-           rows (they may hold NaN) and select its p and ds away. A live row's q, o and lse are finite, so an output with a
-           zero cotangent passes back exactly nothing too.
+  backward a row with lse NaN is not live: its dq is 0 (its p and ds are 0 too, but in the
+           dq kernel's whole tiles, where they only reach its own dq row), and dk/dv zero its
+           q and do rows (they may hold NaN) and select its p and ds away. A live row's q, o
+           and lse are finite, so an output with a zero cotangent passes back exactly nothing
+           too.
 Cost: per key tile that is not whole, in the forward and dq kernels, abs, compare and select on
 the k and v tiles; per whole tile of the forward a compare and a select on the scores, and per
 row one check of acc; per query tile of dk/dv a compare and a select on the q and do tiles, and
@@ -131,12 +132,17 @@ def _head_offsets(pid_bh, H, G, R, n_kv, s_qb, s_qh, s_kb, s_kr, s_kg):
 
 
 @triton.jit
-def _kv_bounds(lo_row, hi_row, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-               EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr):
-    """[lo, hi) of keys by index: lo is query lo_row's first visible key, hi query hi_row's last
-    + 1 (in int64, so a large window product cannot wrap). Both bounds grow with the row."""
-    lo_row = lo_row.to(tl.int64)
-    hi_row = hi_row.to(tl.int64)
+def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+              EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr,
+              EVERY: tl.constexpr):
+    """[lo, hi): the keys some query m0 .. m0 + BLOCK_M - 1 (< n_q) may see by index; EVERY: the
+    keys every one of them may see (empty when lo >= hi; masks and positions aside). Both bounds
+    grow with the query: lo comes from lo_row, hi from hi_row (in int64, so a large window
+    product cannot wrap)."""
+    lo_row = m0.to(tl.int64)
+    hi_row = (tl.minimum(m0 + BLOCK_M, n_q) - 1).to(tl.int64)
+    if EVERY:
+        lo_row, hi_row = hi_row, lo_row
     lo = lo_row * 0
     hi = lo + n_kv
     if LOCAL:
@@ -153,19 +159,6 @@ def _kv_bounds(lo_row, hi_row, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constex
         if SPAN:
             lo = tl.maximum(lo, (lo_row // cq + 1) * ckv - span)
     return lo.to(tl.int32), hi.to(tl.int32)
-
-
-@triton.jit
-def _kv_range(m0, n_q, n_kv, w, lb, lf, cq, ckv, span, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-              EXACT: tl.constexpr, WINDOWED: tl.constexpr, SPAN: tl.constexpr, BLOCK_M: tl.constexpr,
-              EVERY: tl.constexpr):
-    """[lo, hi): the keys some query m0 .. m0 + BLOCK_M - 1 (< n_q) may see by index; EVERY: the
-    keys every one of them may see (empty when lo >= hi; masks and positions aside)."""
-    first = m0
-    last = tl.minimum(m0 + BLOCK_M, n_q) - 1
-    if EVERY:
-        first, last = last, first
-    return _kv_bounds(first, last, n_kv, w, lb, lf, cq, ckv, span, LOCAL, CAUSAL, EXACT, WINDOWED, SPAN)
 
 
 @triton.jit

@@ -10,9 +10,10 @@ A query with nothing visible (no null key, no visible key) outputs zeros with ze
 
 Non-finite values (the kernels' rule, exact per query): a query whose own q holds a NaN or inf,
 or that may see a key whose k or value (times kv_scale) holds one, outputs NaN, a constant: no
-gradient flows back through it. The null value is such a key for every query of its head. Every other output and gradient is exactly what it would be
-with any finite numbers in the keys it may not see (masked, causally later, outside its window):
-those are selected away before any product, never multiplied by 0, since 0 * NaN is NaN.
+gradient flows back through it; the null value is such a key for every query of its head.
+Every other output and gradient is exactly what it would be with any finite numbers in the keys
+it may not see (masked, causally later, outside its window): those are selected away before any
+product, never multiplied by 0, since 0 * NaN is NaN.
 """
 
 from __future__ import annotations
